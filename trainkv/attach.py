@@ -1,0 +1,169 @@
+"""Put an eviction method on a loaded Hugging Face decoder, and take it off again.
+
+`attach` adds one method module per layer as ``self_attn.trainkv_method``, freezes the backbone,
+routes attention through the registered ``"trainkv"`` function and gives the model a `generate`
+that builds an `EvictingCache` and prefills in chunks. Nothing in transformers' code is edited:
+the model's class is swapped for a subclass adding that `generate`, and two forward pre-hooks
+hand the cache layer and hidden states to the attention function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .attention import ATTN_NAME, register
+from .cache import EvictingCache
+from .config import EvictionConfig
+from .methods import MethodConfig, get_method, make_config
+from .models import check_supported, decoder_layers
+
+METHOD_ATTR = "trainkv_method"
+
+
+@dataclass
+class AttachedState:
+    method: MethodConfig
+    eviction: EvictionConfig
+    original_class: type
+    original_attn: str
+    handles: list = field(default_factory=list)
+
+
+def _bind_layer(module, args, kwargs):
+    """Attention pre-hook: hand the cache layer (if evicting) and the hidden states to the attention function."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    module._trainkv_layer = cache.layers[module.layer_idx] if isinstance(cache, EvictingCache) else None
+    module._trainkv_hidden = kwargs.get("hidden_states", args[0] if args else None)
+
+
+def _begin_forward(model, args, kwargs):
+    """Model pre-hook: tell the cache which new tokens are padding."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, EvictingCache):
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    num_new = ids.shape[-1] if ids is not None else embeds.shape[1]
+    cache.begin_forward(kwargs.get("attention_mask"), num_new)
+
+
+class EvictingGenerationMixin:
+    """Adds eviction defaults to `generate`: an `EvictingCache` and chunked prefill."""
+
+    def generate(self, inputs=None, generation_config=None, eviction: EvictionConfig | dict | None = None, **kwargs):
+        state: AttachedState = self.trainkv_state
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[-1] == 0:
+            raise ValueError("empty prompt: generate needs at least one input token")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and input_ids is not None:
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+            if bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise ValueError("right padding is not supported: pad on the left (tokenizer.padding_side = 'left')")
+        for unsupported in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(f"{unsupported}: assisted decoding needs cache rollback, which eviction cannot do")
+        cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
+        if cache is None:
+            config = state.eviction
+            if isinstance(eviction, dict):
+                config = config.replace(**eviction)
+            elif eviction is not None:
+                config = eviction
+            cache = EvictingCache.for_model(self, config)
+        elif eviction is not None:
+            raise ValueError("pass either a cache or eviction settings, not both")
+        if isinstance(cache, EvictingCache) and "prefill_chunk_size" not in kwargs:
+            if generation_config is None or getattr(generation_config, "prefill_chunk_size", None) is None:
+                kwargs["prefill_chunk_size"] = cache.config.chunk_size
+        return super().generate(inputs, generation_config=generation_config, cache=cache, **kwargs)
+
+    def new_cache(self, eviction: EvictionConfig | dict | None = None) -> EvictingCache:
+        config = self.trainkv_state.eviction
+        if isinstance(eviction, dict):
+            config = config.replace(**eviction)
+        elif eviction is not None:
+            config = eviction
+        return EvictingCache.for_model(self, config)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _evicting_class(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"Evicting{cls.__name__}", (EvictingGenerationMixin, cls), {})
+    return _SUBCLASSES[cls]
+
+
+def attach(
+    model: nn.Module,
+    method: str | dict | MethodConfig = "streaming_llm",
+    eviction: EvictionConfig | dict | None = None,
+    freeze: bool = True,
+    **method_overrides,
+) -> nn.Module:
+    """Attach an eviction method to ``model`` in place and return it.
+
+    ``method``: a registered method name, a config dict or a `MethodConfig`; ``eviction``: runtime
+    settings (budget, sinks, window, chunk size). The backbone is frozen (``freeze=True``); only the
+    method's parameters stay trainable.
+    """
+    if hasattr(model, "trainkv_state"):
+        raise ValueError("a trainkv method is already attached; call trainkv.detach(model) first")
+    check_supported(model)
+    method_config = make_config(method, **method_overrides)
+    eviction_config = EvictionConfig.from_dict(eviction) if isinstance(eviction, dict) else (eviction or EvictionConfig())
+    method_cls = get_method(method_config.name)
+    register()
+    if freeze:
+        model.requires_grad_(False)
+    layers = decoder_layers(model)
+    text_config = model.config.get_text_config(decoder=True)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    state = AttachedState(method_config, eviction_config, type(model), model.config._attn_implementation)
+    for layer in layers:
+        attn = layer.self_attn
+        module = method_cls(method_config, text_config, attn.layer_idx)
+        setattr(attn, METHOD_ATTR, module.to(device=device, dtype=dtype if method_cls.trainable else None))
+        state.handles.append(attn.register_forward_pre_hook(_bind_layer, with_kwargs=True))
+    state.handles.append(model.register_forward_pre_hook(_begin_forward, with_kwargs=True))
+    model.set_attn_implementation(ATTN_NAME)
+    model.trainkv_state = state
+    model.__class__ = _evicting_class(type(model))
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove the method modules, hooks and eviction runtime; the model is the plain one again."""
+    state: AttachedState | None = getattr(model, "trainkv_state", None)
+    if state is None:
+        raise ValueError("no trainkv method is attached to this model")
+    for handle in state.handles:
+        handle.remove()
+    for layer in decoder_layers(model):
+        if hasattr(layer.self_attn, METHOD_ATTR):
+            delattr(layer.self_attn, METHOD_ATTR)
+    model.__class__ = state.original_class
+    model.set_attn_implementation(state.original_attn)
+    del model.trainkv_state
+    return model
+
+
+def method_modules(model: nn.Module) -> list[nn.Module]:
+    """The attached method module of each layer, in layer order."""
+    return [getattr(layer.self_attn, METHOD_ATTR) for layer in decoder_layers(model)]
+
+
+def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the method's parameters and buffers, keyed ``layers.{i}.{name}``."""
+    out = {}
+    for i, module in enumerate(method_modules(model)):
+        for name, tensor in module.state_dict().items():
+            out[f"layers.{i}.{name}"] = tensor
+    return out

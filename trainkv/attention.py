@@ -1,0 +1,88 @@
+"""trainkv's attention function, registered with transformers' `AttentionInterface` as ``"trainkv"``.
+
+With an `EvictingCache` bound to the layer it attends over the stored (compacted, possibly ragged)
+entries, then lets the layer's method score the entries and evicts down to the budget. Without one
+(plain forwards, training) it is transformers' SDPA attention, unless the method supplies its own
+training attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .methods.base import ScoreContext
+
+ATTN_NAME = "trainkv"
+
+
+def stored_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """Attention of the new queries ``[B, Hq, c, D]`` over a layer's stored entries (new ones last).
+
+    Old entries are visible to every new query, new entries causally; invalid entries (padding,
+    ragged heads) are masked, and a token always sees itself. Returns ``[B, Hq, c, D]``.
+    """
+    keys, values = layer.keys, layer.values
+    b, hkv, length, _ = keys.shape
+    hq, c = query.shape[1], query.shape[2]
+    past = length - c
+    if layer.valid is None:
+        if c == 1:
+            mask = None
+        else:
+            mask = torch.ones((c, length), dtype=torch.bool, device=query.device).tril(diagonal=past)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)
+    causal = torch.ones((c, length), dtype=torch.bool, device=query.device).tril(diagonal=past)
+    own = torch.zeros_like(causal)
+    own[:, past:] = torch.eye(c, dtype=torch.bool, device=query.device)
+    mask = (layer.valid[:, :, None, :] & causal) | own  # [B, Hkv, c, L]
+    g = hq // hkv
+    q = query.reshape(b, hkv, g * c, query.shape[-1])
+    mask = mask[:, :, None].expand(b, hkv, g, c, length).reshape(b, hkv, g * c, length)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, c, -1)
+
+
+def _should_evict(layer, config, budgets: torch.Tensor) -> bool:
+    decoding = layer.new_tokens == 1 and layer.seen > 1
+    if decoding and not config.evict_during_decoding:
+        return False
+    if config.mode == "threshold":
+        return True
+    return layer.keys.shape[-2] > int(budgets.max())
+
+
+def trainkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer = module.__dict__.pop("_trainkv_layer", None)
+    hidden_states = module.__dict__.pop("_trainkv_hidden", None)
+    method = getattr(module, "trainkv_method", None)
+    scaling = module.scaling if scaling is None else scaling
+    if layer is None:
+        custom = getattr(method, "attention_without_cache", None)
+        if custom is not None:
+            out = custom(module, query, key, value, attention_mask, scaling=scaling, hidden_states=hidden_states, **kwargs)
+            if out is not None:
+                return out
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    config = layer.owner.config
+    out = stored_attention(query, layer, scaling)
+    budgets = torch.tensor(config.budget_for(layer.layer_idx, layer.keys.shape[1], layer.seen))
+    will_evict = _should_evict(layer, config, budgets)
+    if method is not None:
+        ctx = ScoreContext(module, layer, hidden_states, query, scaling, will_evict)
+        with torch.no_grad():
+            method.update_scores(ctx)
+    if will_evict:
+        threshold = config.threshold if config.mode == "threshold" else None
+        layer.evict(budgets, config.sink_tokens, config.recent_window, threshold)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the attention function and (for plain forwards) the SDPA mask builder under ``"trainkv"``."""
+    AttentionInterface.register(ATTN_NAME, trainkv_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)

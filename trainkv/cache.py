@@ -1,0 +1,219 @@
+"""`EvictingCache`: a transformers `Cache` that keeps, per layer and per KV head, at most its budget.
+
+Each layer stores keys/values as ``[batch, kv_heads, L, head_dim]`` where ``L`` is the largest number
+of entries any (row, head) keeps; rows or heads that keep fewer (left padding, per-head budgets,
+threshold mode) carry a validity mask. Entries are physically compacted with a gather after each
+eviction, so the memory held is the kept entries, not a mask over the full context. Keys are stored
+after RoPE at their original positions (no re-rotation); the position of every entry is stored too.
+
+`get_seq_length()` returns the number of tokens *seen* (what generate uses for positions and chunk
+slicing), not the number kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import EvictionConfig
+
+
+class EvictingLayer(CacheLayerMixin):
+    """One decoder layer's compacted, per-head cache."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, owner: "EvictingCache"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.seen = 0
+        self.new_tokens = 0
+        self.valid: torch.Tensor | None = None  # [B, H, L] bool; None = every entry valid
+        self.positions: torch.Tensor | None = None  # [B, H, L] int64, original token positions
+        self.scores: torch.Tensor | None = None  # [B, H, L] float32, the method's keep-scores
+        self.state: dict = {}  # method-specific running state (e.g. a query buffer)
+
+    # --- transformers CacheLayerMixin API -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, _ = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.positions = torch.empty((b, h, 0), dtype=torch.long, device=self.device)
+        self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, c, _ = key_states.shape
+        call_kwargs = kwargs.get("kwargs", kwargs) or {}
+        pos = call_kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(self.seen, self.seen + c, device=self.device)[None]
+        pos = pos.to(self.device, torch.long).reshape(-1, c).expand(b, c)[:, None, :].expand(b, h, c)
+        new_valid = self.owner.pending_valid
+        if new_valid is not None and new_valid.shape != (b, c):
+            raise ValueError(f"attention_mask covers {tuple(new_valid.shape)} new tokens, the input has {(b, c)}")
+        if new_valid is not None or self.valid is not None:
+            old = self.valid if self.valid is not None else self._all_valid(self.keys.shape[-2])
+            new = new_valid[:, None, :].expand(b, h, c) if new_valid is not None else self._all_valid(c)
+            self.valid = torch.cat([old, new], dim=-1)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, pos], dim=-1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros((b, h, c))], dim=-1)
+        self.seen += c
+        self.new_tokens = c
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Only the new tokens' block is built by transformers' mask code; eviction-aware masking
+        # over the stored entries happens in trainkv's attention function.
+        return query_length, self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.owner)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "EvictingCache cannot be cropped (evicted entries are gone); assisted/speculative decoding is not supported"
+        )
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "positions", "scores", "valid"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+        for key, t in list(self.state.items()):
+            if torch.is_tensor(t) and t.dim() > 0:
+                self.state[key] = t.index_select(0, index.to(t.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            b = self.keys.shape[0]
+            self._select_batch(torch.arange(b, device=self.device).repeat_interleave(repeats))
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0] if self.is_initialized else -1
+
+    # --- eviction ------------------------------------------------------------------------------
+    def _all_valid(self, length: int) -> torch.Tensor:
+        b, h = self.keys.shape[:2]
+        return torch.ones((b, h, length), dtype=torch.bool, device=self.device)
+
+    def valid_mask(self) -> torch.Tensor:
+        return self.valid if self.valid is not None else self._all_valid(self.keys.shape[-2])
+
+    def protected_mask(self, sink_tokens: int, recent_window: int) -> torch.Tensor:
+        """Sink tokens (position < sink_tokens) and the `recent_window` most recent positions of each row."""
+        valid = self.valid_mask()
+        current = self.positions.masked_fill(~valid, -1).amax(dim=-1, keepdim=True)
+        recent = self.positions > current - recent_window
+        return valid & ((self.positions < sink_tokens) | recent)
+
+    def kept_counts(self) -> torch.Tensor:
+        """Entries held per (row, KV head): ``[B, H]``."""
+        return self.valid_mask().sum(-1)
+
+    def evict(self, budgets: torch.Tensor, sink_tokens: int, recent_window: int, threshold: float | None = None) -> None:
+        """Keep, per (row, head), the protected entries plus the best-scored ones, up to ``budgets[h]``.
+
+        In threshold mode only entries scoring above ``threshold`` (or protected) are candidates.
+        Kept entries are gathered into a smaller tensor (time order preserved).
+        """
+        if not self.is_initialized or self.keys.shape[-2] == 0:
+            return
+        b, h, length = self.scores.shape
+        valid = self.valid_mask()
+        protected = self.protected_mask(sink_tokens, recent_window)
+        priority = self.scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+        limit = budgets.to(self.device).view(1, h).expand(b, h)
+        if threshold is not None:
+            candidates = protected | (valid & (self.scores > threshold))
+            count = torch.minimum(candidates.sum(-1), limit)
+        else:
+            count = torch.minimum(valid.sum(-1), limit)
+        keep_len = int(count.max())
+        if keep_len == length and bool((count == length).all()):
+            return  # nothing to drop
+        top = priority.topk(keep_len, dim=-1, sorted=True).indices  # best first
+        keep = torch.arange(keep_len, device=self.device) < count[..., None]
+        index = top.masked_fill(~keep, length).sort(dim=-1).values  # time order; dropped slots last
+        kept = index < length
+        index = index.clamp(max=length - 1)
+        gather = index[..., None]
+        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        self.positions = self.positions.gather(2, index)
+        self.scores = self.scores.gather(2, index)
+        self.valid = None if bool(kept.all()) else kept
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: keys+values, and the bookkeeping (positions, scores, validity)."""
+        if not self.is_initialized:
+            return {"kv": 0, "meta": 0}
+        kv = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        meta = sum(t.numel() * t.element_size() for t in (self.positions, self.scores, self.valid) if t is not None)
+        return {"kv": kv, "meta": meta}
+
+
+class EvictingCache(Cache):
+    """Per-layer, per-KV-head budgeted cache; pass it to ``generate(cache=...)`` or let an attached model build it."""
+
+    def __init__(self, num_layers: int, config: EvictionConfig | None = None):
+        super().__init__(layers=[EvictingLayer(i, self) for i in range(num_layers)])
+        self.config = config or EvictionConfig()
+        self.pending_valid: torch.Tensor | None = None  # [B, c] validity of the tokens being added
+
+    @classmethod
+    def for_model(cls, model, config: EvictionConfig | None = None) -> "EvictingCache":
+        text_config = model.config.get_text_config(decoder=True)
+        return cls(text_config.num_hidden_layers, config)
+
+    def begin_forward(self, attention_mask: torch.Tensor | None, num_new: int) -> None:
+        """Record which of the next ``num_new`` tokens are padding (from the 2D attention mask)."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            self.pending_valid = None
+            return
+        if attention_mask.shape[-1] < num_new:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[-1]} columns but {num_new} new tokens were given; "
+                "pass the mask of the whole sequence so far"
+            )
+        new = attention_mask[:, -num_new:].bool()
+        self.pending_valid = None if bool(new.all()) else new
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.get_seq_length()
+
+    def nbytes(self) -> dict[str, int]:
+        totals = {"kv": 0, "meta": 0}
+        for layer in self.layers:
+            for k, v in layer.nbytes().items():
+                totals[k] += v
+        return totals
+
+    def stats(self) -> dict:
+        """Tokens seen, entries kept per layer and head, and bytes held."""
+        kept = [layer.kept_counts().tolist() if layer.is_initialized else [] for layer in self.layers]
+        return {"tokens_seen": self.tokens_seen, "kept_per_layer_head": kept, "bytes": self.nbytes()}

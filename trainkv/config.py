@@ -1,0 +1,95 @@
+"""Runtime eviction settings shared by every method: budget, protected tokens, chunking."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class EvictionConfig:
+    """How much cache each (layer, KV head) may hold and which tokens are never evicted.
+
+    budget: entries kept per (layer, KV head). An ``int`` is an absolute number of entries; a ``float``
+        in (0, 1] is a keep ratio of the tokens seen so far (the cache then grows with the context).
+    sink_tokens: the first tokens of each sequence (attention sinks), always kept.
+    recent_window: the most recent tokens, always kept.
+    chunk_size: prefill chunk size (tokens per forward); eviction runs after each chunk.
+    evict_during_decoding: keep the budget while generating (otherwise the cache grows by one per token).
+    mode: "budget" keeps the top-``budget`` by score; "threshold" keeps every entry whose score is above
+        ``threshold`` (and at most ``budget`` when a budget is given).
+    layer_budgets: optional per-layer budgets (absolute entries) overriding ``budget``.
+    head_budgets: optional per-(layer, KV head) budgets, ``[num_layers][num_kv_heads]``.
+    """
+
+    budget: int | float = 256
+    sink_tokens: int = 4
+    recent_window: int = 32
+    chunk_size: int = 512
+    evict_during_decoding: bool = True
+    mode: str = "budget"
+    threshold: float = 0.0
+    layer_budgets: list[int] | None = None
+    head_budgets: list[list[int]] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def protected(self) -> int:
+        return self.sink_tokens + self.recent_window
+
+    def validate(self) -> None:
+        if self.mode not in ("budget", "threshold"):
+            raise ValueError(f"mode must be 'budget' or 'threshold', got {self.mode!r}")
+        if self.sink_tokens < 0 or self.recent_window < 0:
+            raise ValueError("sink_tokens and recent_window must be >= 0")
+        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise TypeError(f"budget must be an int (entries) or a float keep ratio, got {self.budget!r}")
+        if isinstance(self.budget, float):
+            if not 0.0 < self.budget <= 1.0:
+                raise ValueError(f"a float budget is a keep ratio in (0, 1], got {self.budget}")
+        elif self.budget < self.protected:
+            raise ValueError(
+                f"budget {self.budget} is smaller than the protected tokens (sink_tokens={self.sink_tokens} + "
+                f"recent_window={self.recent_window} = {self.protected}); raise the budget or shrink the window"
+            )
+        for name in ("layer_budgets",):
+            values = getattr(self, name)
+            if values is not None and min(values) < self.protected:
+                raise ValueError(f"{name} has an entry {min(values)} below the protected tokens ({self.protected})")
+        if self.head_budgets is not None and min(min(r) for r in self.head_budgets) < self.protected:
+            raise ValueError(f"head_budgets has an entry below the protected tokens ({self.protected})")
+
+    def budget_for(self, layer_idx: int, num_kv_heads: int, tokens_seen: int) -> list[int]:
+        """Budget of each KV head of a layer once ``tokens_seen`` tokens were seen."""
+        if self.head_budgets is not None:
+            row = self.head_budgets[layer_idx]
+            if len(row) != num_kv_heads:
+                raise ValueError(f"head_budgets[{layer_idx}] has {len(row)} entries, the model has {num_kv_heads} KV heads")
+            return list(row)
+        if self.layer_budgets is not None:
+            return [self.layer_budgets[layer_idx]] * num_kv_heads
+        if isinstance(self.budget, float):
+            return [max(self.protected, math.ceil(self.budget * tokens_seen))] * num_kv_heads
+        return [self.budget] * num_kv_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvictionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown eviction settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "EvictionConfig":
+        data = self.to_dict()
+        data.update(changes)
+        return EvictionConfig.from_dict(data)
+

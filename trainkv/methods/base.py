@@ -1,0 +1,105 @@
+"""The interface every eviction method implements, and what the runtime hands it at each step."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config. Subclasses add their hyper-parameters as dataclass fields."""
+
+    name: ClassVar[str] = "base"
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodConfig":
+        data = {k: v for k, v in data.items() if k != "method"}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class ScoreContext:
+    """What a method sees after a forward step of one attention layer with an `EvictingCache`.
+
+    The layer already holds the new tokens (the last ``new_tokens`` entries of ``layer.keys``).
+    """
+
+    module: nn.Module  # the attention module (q_proj, k_proj, ..., config, layer_idx)
+    layer: "EvictingLayer"  # noqa: F821  (trainkv.cache)
+    hidden_states: torch.Tensor | None  # [B, c, hidden] input of the attention module
+    query: torch.Tensor  # [B, Hq, c, D] after RoPE
+    scaling: float
+    will_evict: bool
+
+    @property
+    def new_tokens(self) -> int:
+        return self.layer.new_tokens
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layer.keys.shape[1]
+
+    def attention_probs(self, queries: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of ``queries`` ``[B, Hq, n, D]`` (at ``query_positions`` ``[B, n]``) over the
+        stored entries, respecting validity and causality by position. Returns ``[B, Hkv, group, n, L]`` fp32."""
+        keys = self.layer.keys
+        b, hkv, length, d = keys.shape
+        hq, n = queries.shape[1], queries.shape[2]
+        g = hq // hkv
+        q = queries.float().reshape(b, hkv, g * n, d)
+        logits = torch.matmul(q, keys.float().transpose(-1, -2)) * self.scaling  # [B, Hkv, g*n, L]
+        logits = logits.view(b, hkv, g, n, length)
+        allowed = self.layer.positions[:, :, None, None, :] <= query_positions[:, None, None, :, None]
+        allowed = allowed & self.layer.valid_mask()[:, :, None, None, :]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.nan_to_num(probs, nan=0.0)
+
+    def new_query_positions(self) -> torch.Tensor:
+        """Positions ``[B, c]`` of the new tokens."""
+        return self.layer.positions[:, 0, -self.new_tokens :]
+
+
+class EvictionMethod(nn.Module):
+    """One per attention layer, attached as ``self_attn.trainkv_method``.
+
+    A method fills ``layer.scores`` (higher = keep) for the stored entries; the cache then keeps the
+    protected tokens plus the top-scored ones. Static scorers (a score per token, fixed once computed)
+    override `new_token_scores`; attention-based scorers override `update_scores`.
+    """
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, model_config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        text = model_config.get_text_config(decoder=True)
+        self.num_kv_heads = text.num_key_value_heads
+        self.num_heads = text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.hidden_size = text.hidden_size
+
+    def new_token_scores(self, ctx: ScoreContext) -> torch.Tensor:
+        """Scores ``[B, Hkv, c]`` of the new tokens."""
+        raise NotImplementedError
+
+    def update_scores(self, ctx: ScoreContext) -> None:
+        """Default: static per-token scores, written once for the new tokens."""
+        c = ctx.new_tokens
+        ctx.layer.scores[..., -c:] = self.new_token_scores(ctx).float()
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, config={self.config}"
