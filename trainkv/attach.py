@@ -30,6 +30,7 @@ class AttachedState:
     original_class: type
     original_attn: str
     handles: list = field(default_factory=list)
+    requires_grad: dict = field(default_factory=dict)  # backbone parameters' flags before freezing
 
 
 def _bind_layer(module, args, kwargs):
@@ -82,6 +83,18 @@ class EvictingGenerationMixin:
                 kwargs["prefill_chunk_size"] = cache.config.chunk_size
         return super().generate(inputs, generation_config=generation_config, cache=cache, **kwargs)
 
+    def save_pretrained(self, save_directory, eval_table: str | None = None, **kwargs):
+        """Save the method's weights and settings (like a PEFT adapter), not the backbone."""
+        from .hub import save_gated
+
+        return save_gated(self, save_directory, eval_table=eval_table)
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False, endpoint: str | None = None, **kwargs):
+        """Push the method's checkpoint (weights, settings, model card) to a Hub repo."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, token=token, private=private, endpoint=endpoint, **kwargs)
+
     def new_cache(self, eviction: EvictionConfig | dict | None = None) -> EvictingCache:
         config = self.trainkv_state.eviction
         if isinstance(eviction, dict):
@@ -120,13 +133,14 @@ def attach(
     eviction_config = EvictionConfig.from_dict(eviction) if isinstance(eviction, dict) else (eviction or EvictionConfig())
     method_cls = get_method(method_config.name)
     register()
-    if freeze:
-        model.requires_grad_(False)
     layers = decoder_layers(model)
     text_config = model.config.get_text_config(decoder=True)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     state = AttachedState(method_config, eviction_config, type(model), model.config._attn_implementation)
+    state.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    if freeze:
+        model.requires_grad_(False)
     for layer in layers:
         attn = layer.self_attn
         module = method_cls(method_config, text_config, attn.layer_idx)
@@ -149,6 +163,9 @@ def detach(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         if hasattr(layer.self_attn, METHOD_ATTR):
             delattr(layer.self_attn, METHOD_ATTR)
+    for name, p in model.named_parameters():  # the method modules are gone: only backbone parameters remain
+        if name in state.requires_grad:
+            p.requires_grad_(state.requires_grad[name])
     model.__class__ = state.original_class
     model.set_attn_implementation(state.original_attn)
     del model.trainkv_state

@@ -47,12 +47,17 @@ def stored_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor
 
 
 def _should_evict(layer, config, budgets: torch.Tensor) -> bool:
+    if not layer.owner.eviction_enabled:
+        return False
     decoding = layer.new_tokens == 1 and layer.seen > 1
     if decoding and not config.evict_during_decoding:
         return False
     if config.mode == "threshold":
         return True
-    return layer.keys.shape[-2] > int(budgets.max())
+    if config.head_allocation == "adaptive":  # Ada-KV: the layer's total is the budget, split anew at each eviction
+        return bool((layer.kept_counts().sum(-1) > int(budgets.sum())).any())
+    # Per-head budgets differ: evict as soon as any head holds more than its own budget.
+    return bool((layer.kept_counts() > budgets.to(layer.device)).any())
 
 
 def trainkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -78,6 +83,10 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
             method.update_scores(ctx)
     if will_evict:
         threshold = config.threshold if config.mode == "threshold" else None
+        if config.head_allocation == "adaptive":
+            from .allocation import adaptive_head_counts
+
+            budgets = adaptive_head_counts(layer, budgets, config)  # [B, H] from the current scores
         layer.evict(budgets, config.sink_tokens, config.recent_window, threshold)
     return out.transpose(1, 2).contiguous(), None
 

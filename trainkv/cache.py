@@ -32,7 +32,7 @@ class EvictingLayer(CacheLayerMixin):
         self.seen = 0
         self.new_tokens = 0
         self.valid: torch.Tensor | None = None  # [B, H, L] bool; None = every entry valid
-        self.positions: torch.Tensor | None = None  # [B, H, L] int64, original token positions
+        self.positions: torch.Tensor | None = None  # [B, H, L] int64, original token positions (-1: padding)
         self.scores: torch.Tensor | None = None  # [B, H, L] float32, the method's keep-scores
         self.state: dict = {}  # method-specific running state (e.g. a query buffer)
 
@@ -58,6 +58,9 @@ class EvictingLayer(CacheLayerMixin):
         new_valid = self.owner.pending_valid
         if new_valid is not None and new_valid.shape != (b, c):
             raise ValueError(f"attention_mask covers {tuple(new_valid.shape)} new tokens, the input has {(b, c)}")
+        if new_valid is not None:
+            # Padding gets position -1, so no score computed by position (causality) sees a pad query attend.
+            pos = pos.masked_fill(~new_valid[:, None, :], -1)
         if new_valid is not None or self.valid is not None:
             old = self.valid if self.valid is not None else self._all_valid(self.keys.shape[-2])
             new = new_valid[:, None, :].expand(b, h, c) if new_valid is not None else self._all_valid(c)
@@ -76,6 +79,11 @@ class EvictingLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Only the new tokens' block is built by transformers' mask code; eviction-aware masking
         # over the stored entries happens in trainkv's attention function.
+        if not self.owner.runtime_bound:
+            raise RuntimeError(
+                "EvictingCache was passed to a model without the trainkv runtime; its attention would ignore the "
+                "stored entries' validity and positions. Call trainkv.attach(model, ...) first."
+            )
         return query_length, self.seen
 
     def get_max_length(self) -> int:
@@ -135,7 +143,8 @@ class EvictingLayer(CacheLayerMixin):
         return self.valid_mask().sum(-1)
 
     def evict(self, budgets: torch.Tensor, sink_tokens: int, recent_window: int, threshold: float | None = None) -> None:
-        """Keep, per (row, head), the protected entries plus the best-scored ones, up to ``budgets[h]``.
+        """Keep, per (row, head), the protected entries plus the best-scored ones, up to ``budgets[h]``
+        (``budgets`` ``[H]``, or ``[B, H]`` for per-row counts, e.g. Ada-KV's adaptive split).
 
         In threshold mode only entries scoring above ``threshold`` (or protected) are candidates.
         Kept entries are gathered into a smaller tensor (time order preserved).
@@ -146,7 +155,8 @@ class EvictingLayer(CacheLayerMixin):
         valid = self.valid_mask()
         protected = self.protected_mask(sink_tokens, recent_window)
         priority = self.scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-        limit = budgets.to(self.device).view(1, h).expand(b, h)
+        limit = budgets.to(self.device)
+        limit = limit.view(1, h).expand(b, h) if limit.dim() <= 1 else limit.view(b, h)  # [H] or per-row [B, H]
         if threshold is not None:
             candidates = protected | (valid & (self.scores > threshold))
             count = torch.minimum(candidates.sum(-1), limit)
@@ -182,7 +192,13 @@ class EvictingCache(Cache):
     def __init__(self, num_layers: int, config: EvictionConfig | None = None):
         super().__init__(layers=[EvictingLayer(i, self) for i in range(num_layers)])
         self.config = config or EvictionConfig()
+        for name in ("layer_budgets", "head_budgets", "allocation_weights"):
+            values = getattr(self.config, name)
+            if values is not None and len(values) != num_layers:
+                raise ValueError(f"{name} has {len(values)} entries, the model has {num_layers} layers")
         self.pending_valid: torch.Tensor | None = None  # [B, c] validity of the tokens being added
+        self.eviction_enabled = True  # False: append without evicting (e.g. the question after a compressed context)
+        self.runtime_bound = False  # set by an attached model's forward pre-hook (see begin_forward)
 
     @classmethod
     def for_model(cls, model, config: EvictionConfig | None = None) -> "EvictingCache":
@@ -191,6 +207,7 @@ class EvictingCache(Cache):
 
     def begin_forward(self, attention_mask: torch.Tensor | None, num_new: int) -> None:
         """Record which of the next ``num_new`` tokens are padding (from the 2D attention mask)."""
+        self.runtime_bound = True
         if attention_mask is None or attention_mask.dim() != 2:
             self.pending_valid = None
             return

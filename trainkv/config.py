@@ -20,6 +20,15 @@ class EvictionConfig:
         ``threshold`` (and at most ``budget`` when a budget is given).
     layer_budgets: optional per-layer budgets (absolute entries) overriding ``budget``.
     head_budgets: optional per-(layer, KV head) budgets, ``[num_layers][num_kv_heads]``.
+    allocation_weights: optional relative shares ``[num_layers][num_kv_heads]`` of the total budget
+        (``budget`` x layers x KV heads): per-(layer, head) budgets proportional to them, at least the
+        protected tokens each, summing exactly to the total, for whatever ``budget`` is in effect (see
+        `trainkv.allocation.weighted`; learned by the ``layer_budget`` method). Ignored when
+        ``layer_budgets`` or ``head_budgets`` is set.
+    head_allocation: ``"fixed"`` (each head keeps its own budget) or ``"adaptive"`` (Ada-KV: at each
+        eviction a layer keeps the sum of its heads' budgets, split across heads by a joint top-k of the
+        current scores, each head keeping at least ``adaptive_floor`` x the layer's mean head budget).
+    adaptive_floor: Ada-KV's safeguard fraction alpha (kvpress default 0.2).
     """
 
     budget: int | float = 256
@@ -32,6 +41,9 @@ class EvictionConfig:
     layer_budgets: list[int] | None = None
     head_budgets: list[list[int]] | None = None
     seed: int = 0
+    allocation_weights: list[list[float]] | None = None
+    head_allocation: str = "fixed"
+    adaptive_floor: float = 0.2
 
     def __post_init__(self):
         self.validate()
@@ -63,6 +75,16 @@ class EvictionConfig:
                 raise ValueError(f"{name} has an entry {min(values)} below the protected tokens ({self.protected})")
         if self.head_budgets is not None and min(min(r) for r in self.head_budgets) < self.protected:
             raise ValueError(f"head_budgets has an entry below the protected tokens ({self.protected})")
+        if self.head_allocation not in ("fixed", "adaptive"):
+            raise ValueError(f"head_allocation must be 'fixed' or 'adaptive', got {self.head_allocation!r}")
+        if self.head_allocation == "adaptive" and self.mode != "budget":
+            raise ValueError("head_allocation='adaptive' (Ada-KV) needs mode='budget'")
+        if not 0.0 <= self.adaptive_floor <= 1.0:
+            raise ValueError(f"adaptive_floor must lie in [0, 1], got {self.adaptive_floor}")
+        if self.allocation_weights is not None:
+            flat = [float(w) for row in self.allocation_weights for w in row]
+            if not flat or not all(math.isfinite(w) and w >= 0 for w in flat) or sum(flat) <= 0:
+                raise ValueError("allocation_weights must be finite, >= 0 and not all zero")
 
     def budget_for(self, layer_idx: int, num_kv_heads: int, tokens_seen: int) -> list[int]:
         """Budget of each KV head of a layer once ``tokens_seen`` tokens were seen."""
@@ -73,6 +95,14 @@ class EvictionConfig:
             return list(row)
         if self.layer_budgets is not None:
             return [self.layer_budgets[layer_idx]] * num_kv_heads
+        if self.allocation_weights is not None:
+            from .allocation import weighted_budgets
+
+            per_head = self.budget if isinstance(self.budget, int) else max(self.protected, math.ceil(self.budget * tokens_seen))
+            row = weighted_budgets(self.allocation_weights, per_head, self.protected)[layer_idx]
+            if len(row) != num_kv_heads:
+                raise ValueError(f"allocation_weights[{layer_idx}] has {len(row)} entries, the model has {num_kv_heads} KV heads")
+            return list(row)
         if isinstance(self.budget, float):
             return [max(self.protected, math.ceil(self.budget * tokens_seen))] * num_kv_heads
         return [self.budget] * num_kv_heads

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +97,52 @@ def resolve_model(name: str) -> ModelSource:
     raise ValueError(f"unknown model {name!r}: use an alias ({', '.join(ALIASES)}), a local directory, or a Hub repo id")
 
 
+def _converted_dir(src: ModelSource) -> Path:
+    """Where a GGUF's dequantized copy is cached (converting takes ~15 s; loading the copy well under 1 s)."""
+    gguf = Path(src.name_or_path) / src.gguf_file
+    st = gguf.stat()
+    root = Path(os.environ.get("TRAINKV_CACHE_DIR", Path.home() / ".cache" / "trainkv"))
+    return root / "converted" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _load_gguf_converted(src: ModelSource):
+    """Dense model + tokenizer for a GGUF source, converted once and cached as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _converted_dir(src)
+    if not (target / "model.safetensors").exists():
+        model = AutoModelForCausalLM.from_pretrained(
+            src.name_or_path, dtype=torch.float32, attn_implementation="sdpa", **src.kwargs()
+        )
+        for p in model.parameters():
+            if p.dtype != torch.float32:
+                raise RuntimeError(f"{src.gguf_file}: GGUF weights stayed packed ({p.dtype}); load them in float32")
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tok = AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))  # same filesystem: the rename is atomic
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "model.safetensors").exists():
+                raise
+    return target
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
     src = resolve_model(name)
-    tok = AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
+    if src.gguf_file:
+        tok = AutoTokenizer.from_pretrained(_load_gguf_converted(src))
+    else:
+        tok = AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -110,20 +153,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     from transformers import AutoModelForCausalLM
 
     src = resolve_model(name)
-    load_dtype = torch.float32 if src.gguf_file else dtype  # GGUF: dequantize to fp32, then cast
-    model = AutoModelForCausalLM.from_pretrained(
-        src.name_or_path, dtype=load_dtype, attn_implementation="sdpa", **src.kwargs(), **kwargs
-    )
-    if src.gguf_file:
-        # transformers flags a dequantized GGUF as quantized/non-trainable; its weights are plain dense tensors.
-        for p in model.parameters():
-            if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise RuntimeError(f"{name}: GGUF weights stayed packed ({p.dtype}); load them in float32")
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model = model.to(dtype)
+    if src.gguf_file:  # dequantized once to dense fp32 and cached, then cast
+        model = AutoModelForCausalLM.from_pretrained(
+            _load_gguf_converted(src), dtype=torch.float32, attn_implementation="sdpa", **kwargs
+        ).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.name_or_path, dtype=dtype, attn_implementation="sdpa", **src.kwargs(), **kwargs
+        )
     model.config.trainkv_base_model = ALIASES[name].hub_repo if name in ALIASES else name
     return model.to(device).eval()
 

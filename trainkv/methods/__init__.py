@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from .attention_gate import AttentionGate, AttentionGateConfig
 from .base import EvictionMethod, MethodConfig, ScoreContext
 from .corm import CORM, CORMConfig
 from .h2o import H2O, H2OConfig
 from .random_scores import RandomConfig, RandomScores
+from .retaining_head import RetainingHead, RetainingHeadConfig
 from .snapkv import SnapKV, SnapKVConfig
 from .streaming_llm import StreamingLLM, StreamingLLMConfig
 from .tova import TOVA, TOVAConfig
@@ -19,7 +21,7 @@ def register_method(cls: type[EvictionMethod]) -> type[EvictionMethod]:
     return cls
 
 
-for _cls in (StreamingLLM, H2O, SnapKV, TOVA, CORM, RandomScores):
+for _cls in (StreamingLLM, H2O, SnapKV, TOVA, CORM, RandomScores, AttentionGate, RetainingHead):
     register_method(_cls)
 
 TRAINING_FREE = ("streaming_llm", "h2o", "snapkv", "tova", "corm", "random")
@@ -45,5 +47,6 @@ def make_config(method: str | dict | MethodConfig, **overrides) -> MethodConfig:
 __all__ = [
     "METHODS", "TRAINING_FREE", "EvictionMethod", "MethodConfig", "ScoreContext", "get_method", "make_config",
     "register_method", "StreamingLLM", "StreamingLLMConfig", "H2O", "H2OConfig", "SnapKV", "SnapKVConfig",
-    "TOVA", "TOVAConfig", "CORM", "CORMConfig", "RandomScores", "RandomConfig",
+    "TOVA", "TOVAConfig", "CORM", "CORMConfig", "RandomScores", "RandomConfig", "AttentionGate", "AttentionGateConfig",
+    "RetainingHead", "RetainingHeadConfig",
 ]

@@ -1,0 +1,243 @@
+"""Attention-Gate: a small in-context attention module per layer that decides which tokens to keep.
+
+Zeng et al., "In-context KV-Cache Eviction for LLMs via Attention-Gate", 2024,
+https://arxiv.org/abs/2410.12876. No official code exists; this follows the paper's design (a
+reduced multi-head attention over the layer's input followed by a gating function giving one flag
+per token and KV head, trained with an eviction-ratio loss) and makes it trainable with the DMS
+recipe (Łańcucki et al., "Inference-Time Hyper-Scaling with KV Cache Compression",
+https://arxiv.org/abs/2506.05345): soft log-gates added to attention logits outside the protected
+window, self-distillation to the same frozen model with eviction off, and a one-sided global
+keep-ratio loss ramped from no eviction.
+
+Semantics shared by training and the runtime (invariant 5). With prefill chunk size C, sink tokens S
+and recent window W, a query in chunk m sees key j unconditionally when j is a sink, lies in chunk m,
+or lies within the W most recent positions at the end of chunk m-1 (those survived the last
+eviction as protected). Every other earlier key survives only if its gate keeps it: at run time its
+gate logit is its keep-score (threshold mode: kept iff logit > 0; budget mode: top-budget by logit),
+in training its log-sigmoid is added to the attention logit (soft eviction).
+
+The gate's own attention is causal over a sliding window of ``gate_window`` tokens, so at run time it
+needs only a ring buffer of that many small gate keys/values per layer, not the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import EvictionMethod, MethodConfig, ScoreContext
+
+
+@dataclass
+class AttentionGateConfig(MethodConfig):
+    name = "attention_gate"
+    gate_heads: int = 2
+    gate_head_dim: int = 16
+    gate_window: int = 64
+    init_bias: float = 5.0  # sigmoid(5) ~ 0.993: training starts at "keep everything"
+    # training
+    target_keep: float = 0.125  # target fraction of evictable tokens kept (global over layers/heads)
+    ramp: float = 0.3  # fraction of training over which the target ramps from 1 to target_keep
+    ratio_weight: float = 5.0
+    noise: float = 0.0  # logistic-noise temperature for training (0 = deterministic soft gates)
+    train_chunk_size: int = 512  # chunk size the training mask mirrors (match the runtime's chunk_size)
+    train_sink_tokens: int = 4
+    train_recent_window: int = 32
+    loss: str = "kl"  # "kl" (self-distillation), "lm", or "kl+lm"
+
+
+def window_attention(q, k, v, valid: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal sliding-window attention for the last ``c`` of ``n`` tokens, in O(c * window).
+
+    q ``[B, h, c, d]`` are the queries of the last c tokens; k, v ``[B, h, n, d]`` all n tokens; valid
+    ``[B, n]`` marks real (non-padding) tokens. Query i sees keys (i - window, i]; itself always.
+    """
+    b, h, c, d = q.shape
+    n = k.shape[2]
+    kw = F.pad(k, (0, 0, window - 1, 0)).unfold(2, window, 1)[:, :, n - c :]  # [B, h, c, d, W]
+    vw = F.pad(v, (0, 0, window - 1, 0)).unfold(2, window, 1)[:, :, n - c :]
+    ok = F.pad(valid, (window - 1, 0), value=False).unfold(1, window, 1)[:, n - c :].clone()  # [B, c, W]
+    ok[..., -1] = True
+    scores = torch.einsum("bhcd,bhcdw->bhcw", q, kw).float() * d**-0.5
+    probs = torch.softmax(scores.masked_fill(~ok[:, None], float("-inf")), dim=-1).to(v.dtype)
+    return torch.einsum("bhcw,bhcdw->bhcd", probs, vw)
+
+
+class AttentionGate(EvictionMethod):
+    """Per-layer gate: a reduced causal sliding-window attention over the layer's input hidden states,
+    plus a direct projection, giving one keep-logit per token and KV head."""
+
+    config_class = AttentionGateConfig
+    trainable = True
+
+    def __init__(self, config: AttentionGateConfig, model_config, layer_idx: int):
+        super().__init__(config, model_config, layer_idx)
+        inner = config.gate_heads * config.gate_head_dim
+        self.qkv = nn.Linear(self.hidden_size, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, self.num_kv_heads, bias=True)
+        self.direct = nn.Linear(self.hidden_size, self.num_kv_heads, bias=False)
+        nn.init.normal_(self.qkv.weight, std=self.hidden_size**-0.5)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.direct.weight)
+        nn.init.constant_(self.out.bias, config.init_bias)
+        self.soft_eviction = False  # set by the trainer: apply the gates in training attention
+        self.last_logits: torch.Tensor | None = None
+
+    # --- the gate itself -------------------------------------------------------------------------
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.config.gate_heads, self.config.gate_head_dim).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
+
+    def _gate(self, hidden, q, k, v, valid) -> torch.Tensor:
+        ctx = window_attention(q, k, v, valid, self.config.gate_window)
+        b, _, t, _ = ctx.shape
+        ctx = ctx.transpose(1, 2).reshape(b, t, -1)
+        return (self.out(ctx) + self.direct(hidden)).transpose(1, 2)  # [B, Hkv, T]
+
+    def gate_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Keep-logits ``[B, Hkv, T]`` for a whole sequence (training / analysis)."""
+        q, k, v = self._split(hidden)
+        valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return self._gate(hidden, q, k, v, valid)
+
+    # --- runtime --------------------------------------------------------------------------------
+    def new_token_scores(self, ctx: ScoreContext) -> torch.Tensor:
+        hidden = ctx.hidden_states
+        q, k, v = self._split(hidden)
+        valid = ctx.layer.owner.pending_valid
+        if valid is None:
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        state = ctx.layer.state
+        if "gate_k" in state:  # the previous window-1 tokens' gate keys/values (a ring buffer, not the context)
+            k = torch.cat([state["gate_k"], k], dim=2)
+            v = torch.cat([state["gate_v"], v], dim=2)
+            valid = torch.cat([state["gate_valid"], valid], dim=1)
+        start = max(0, k.shape[2] - (self.config.gate_window - 1))
+        state["gate_k"], state["gate_v"], state["gate_valid"] = k[:, :, start:], v[:, :, start:], valid[:, start:]
+        return self._gate(hidden, q, k, v, valid)
+
+    # --- training ---------------------------------------------------------------------------------
+    def attention_without_cache(self, module, query, key, value, attention_mask, scaling, hidden_states=None, **kwargs):
+        """Gated attention for training: soft log-gates on evictable keys, chunk/window semantics of the runtime."""
+        if not self.soft_eviction:
+            return None
+        if hidden_states is None:
+            raise RuntimeError("attention_gate: hidden states were not captured; is the method attached?")
+        logits = self.gate_logits(hidden_states)  # [B, Hkv, T]
+        if self.training and self.config.noise > 0:
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            logits = logits + self.config.noise * (torch.log(u) - torch.log1p(-u))
+        self.last_logits = logits
+        out = gated_chunk_attention(
+            query, key, value, F.logsigmoid(logits.float()), scaling,
+            chunk=self.config.train_chunk_size, sinks=self.config.train_sink_tokens,
+            window=self.config.train_recent_window, attention_mask=attention_mask,
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    @classmethod
+    def training_loss(cls, model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        from ..attach import method_modules
+
+        gates = method_modules(model)
+        cfg: AttentionGateConfig = gates[0].config
+        labels = batch.get("labels")
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        use_kl = "kl" in cfg.loss
+        teacher = None
+        if use_kl:
+            for g in gates:
+                g.soft_eviction = False
+            with torch.no_grad():
+                teacher = model(**inputs).logits.float()
+        for g in gates:
+            g.soft_eviction = True
+        try:
+            student = model(**inputs).logits.float()
+        finally:
+            for g in gates:
+                g.soft_eviction = False
+        mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
+        if labels is not None:
+            mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # position t predicts label t+1
+        if "attention_mask" in batch:
+            mask = mask & batch["attention_mask"].bool()
+        denom = mask.sum().clamp(min=1)
+        logs: dict[str, float] = {}
+        loss = student.new_zeros(())
+        if use_kl:
+            kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+            kl = (kl * mask).sum() / denom
+            loss = loss + kl
+            logs["kl"] = kl.item()
+        if "lm" in cfg.loss and labels is not None:
+            lm = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = loss + lm
+            logs["lm"] = lm.item()
+        keep = keep_fraction([g.last_logits for g in gates], cfg.train_sink_tokens, cfg.train_recent_window)
+        target = target_keep(cfg, progress)
+        ratio = F.relu(keep - target)
+        loss = loss + cfg.ratio_weight * ratio
+        logs.update(keep=keep.item(), target_keep=target, ratio_loss=ratio.item())
+        for g in gates:
+            g.last_logits = None
+        return loss, logs
+
+
+def target_keep(cfg: AttentionGateConfig, progress: float) -> float:
+    """Keep-ratio target: 1 at the start, linearly down to ``target_keep`` over the first ``ramp`` of training."""
+    if cfg.ramp <= 0:
+        return cfg.target_keep
+    frac = min(1.0, progress / cfg.ramp)
+    return 1.0 - frac * (1.0 - cfg.target_keep)
+
+
+def keep_fraction(logits: list[torch.Tensor], sinks: int, window: int) -> torch.Tensor:
+    """Mean soft keep probability over all layers, heads and evictable tokens (not sinks, not the final window)."""
+    t = logits[0].shape[-1]
+    lo, hi = min(sinks, t), max(min(sinks, t), t - window)
+    if hi <= lo:
+        return logits[0].new_ones(())
+    return torch.stack([torch.sigmoid(l[..., lo:hi].float()).mean() for l in logits]).mean()
+
+
+def gated_chunk_attention(query, key, value, log_gate, scaling, chunk: int, sinks: int, window: int, attention_mask=None):
+    """Causal attention where key j's logit gets ``log_gate[j]`` for queries that see it only through its gate.
+
+    Processed chunk by chunk of queries (as the runtime does): for queries in ``[s, e)`` the keys
+    ``[sinks, s - window]`` are gated, the others are not. The per-key bias is folded into an extra
+    key channel (``scale * [q, 1] . [k, b / scale]``), so any SDPA backend computes it and gradients
+    reach the gates through the keys. Shapes: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``,
+    log_gate ``[B, Hkv, T]``; returns ``[B, Hq, T, D]``.
+    """
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    pad = 8
+    scale = scaling
+    k_rep = key.repeat_interleave(g, 1) if g > 1 else key
+    v_rep = value.repeat_interleave(g, 1) if g > 1 else value
+    lg = log_gate.to(query.dtype)
+    lg = lg.repeat_interleave(g, 1) if g > 1 else lg  # [B, Hq, T]
+    q_aug = torch.cat([query, query.new_ones(b, hq, t, 1), query.new_zeros(b, hq, t, pad - 1)], dim=-1)
+    v_aug = torch.cat([v_rep, v_rep.new_zeros(b, hq, t, pad)], dim=-1)
+    outs = []
+    positions = torch.arange(t, device=query.device)
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        gated = (positions[:e] >= sinks) & (positions[:e] < s - window)  # evictable when chunk [s, e) runs
+        bias = torch.where(gated, lg[..., :e], torch.zeros_like(lg[..., :e])) / scale
+        k_aug = torch.cat([k_rep[:, :, :e], bias[..., None], k_rep.new_zeros(b, hq, e, pad - 1)], dim=-1)
+        mask = torch.ones((e - s, e), dtype=torch.bool, device=query.device).tril(diagonal=s)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = mask & attention_mask[:, :, s:e, :e].bool()
+        out = F.scaled_dot_product_attention(q_aug[:, :, s:e], k_aug, v_aug[:, :, :e], attn_mask=mask, scale=scale)
+        outs.append(out[..., :d])
+    return torch.cat(outs, dim=2)
+
+
+__all__ = ["AttentionGate", "AttentionGateConfig", "gated_chunk_attention", "keep_fraction", "target_keep", "window_attention"]
