@@ -9,6 +9,7 @@ attention function), with plain matmuls.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
@@ -16,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 import trainkv
+from trainkv.methods.random_scores import RandomConfig, RandomScores
 
 TOL = 1e-4  # invariant 1: max abs logit difference against plain transformers (fp32)
 VOCAB = 96
@@ -190,12 +192,6 @@ def row_head_entries(layer, row: int, head: int):
 # ---------------------------------------------------------------------------------------------------------
 # a test-only method: random scores, recorded before every eviction
 # ---------------------------------------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
-
-from trainkv.methods import METHODS, register_method  # noqa: E402
-from trainkv.methods.random_scores import RandomConfig, RandomScores  # noqa: E402
-
-
 @dataclass
 class RecorderConfig(RandomConfig):
     name = "test_recorder"
@@ -216,7 +212,6 @@ class Recorder(RandomScores):
         self.events.append(dict(
             will_evict=ctx.will_evict, new_tokens=ctx.new_tokens, seen=layer.seen,
             positions=layer.positions.clone(), scores=layer.scores.clone(), valid=layer.valid_mask().clone(),
-            keys=layer.keys.clone(),
         ))
 
 

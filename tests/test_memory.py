@@ -8,7 +8,6 @@ the same at 256 and 1024 tokens of context.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from runtime_helpers import attached, kv_bytes, make_tiny, prose_ids, random_ids
 

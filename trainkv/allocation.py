@@ -43,7 +43,8 @@ layer-budget keep-logits through a sigmoid (keep probability), Locret scores (pr
 maxima) through a softmax over the tokens of each head.
 
 `compare` runs the allocators side by side with one scorer on the evaluation split
-(``python -m trainkv.allocation --help``).
+(``python -m trainkv.allocation --help``); ``python -m trainkv.allocation measure --help`` builds a
+``layer_budget`` checkpoint from a trained scorer's measured keep fractions without training.
 """
 
 from __future__ import annotations
@@ -97,25 +98,40 @@ def round_to_total(values: Sequence[float], total: int, floor: int = 0, cap: int
 
 
 def water_fill(weights: Sequence[float], total: float, floor: float = 0.0, cap: float | None = None) -> list[float]:
-    """Real shares proportional to ``weights`` summing to ``total``, each clipped to [floor, cap]:
-    slots that would fall below the floor (above the cap) are pinned there and the rest re-scaled."""
+    """Real shares ``clip(lam * w_i, floor, cap)`` summing to ``total`` (``lam`` found by bisection): proportional
+    to ``weights`` except where a share is pinned at the floor or the cap. All-zero weights: equal shares."""
     n = len(weights)
     w = [max(0.0, float(x)) for x in weights]
-    pinned: dict[int, float] = {}
-    for _ in range(2 * n + 1):
-        free = [i for i in range(n) if i not in pinned]
-        left = total - sum(pinned.values())
-        mass = sum(w[i] for i in free)
-        shares = {i: (left * w[i] / mass if mass > 0 else left / max(1, len(free))) for i in free}
-        low = [i for i in free if shares[i] < floor - 1e-9]
-        high = [i for i in free if cap is not None and shares[i] > cap + 1e-9]
-        if not low and not high:
-            return [pinned.get(i, shares.get(i, 0.0)) for i in range(n)]
-        for i in low:
-            pinned[i] = float(floor)
-        for i in high:
-            pinned[i] = float(cap)
-    raise RuntimeError("water filling did not converge")
+    hi_cap = math.inf if cap is None else float(cap)
+    if n * floor > total + 1e-9 or n * hi_cap < total - 1e-9:
+        raise ValueError(f"cannot split {total} over {n} slots with floor {floor} and cap {cap}")
+    if sum(w) <= 0:
+        return [float(total) / n] * n
+
+    def shares(lam: float) -> list[float]:
+        return [min(max(lam * x, floor), hi_cap) for x in w]
+
+    most = sum(hi_cap if x > 0 else floor for x in w)
+    if most < total:  # the positive-weight slots are all capped: the zero-weight ones take the rest equally
+        zeros = [i for i in range(n) if w[i] == 0]
+        extra = (total - most) / len(zeros)
+        return [hi_cap if w[i] > 0 else floor + extra for i in range(n)]
+    lo, hi = 0.0, 1.0
+    while sum(shares(hi)) < total:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sum(shares(mid)) < total:
+            lo = mid
+        else:
+            hi = mid
+    out = shares(hi)
+    # remove the bisection's float residue from the unpinned slots
+    residue = sum(out) - total
+    free = [i for i in range(n) if floor < out[i] < hi_cap]
+    for i in free:
+        out[i] -= residue / len(free)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,7 +418,8 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             budgets: Sequence[float] = (0.125, 0.0625), context_length: int = 1024, tasks: Sequence[str] = ("niah_single_1",),
             samples: int = 5, seed: int | None = None, profile_samples: int = 4, chunk_size: int | None = 512,
             full: bool = True, dtype: str = "float32", device: str | None = None, batch_size: int = 1,
-            output: str | None = None, command: str | None = None, progress: bool = True) -> dict:
+            output: str | None = None, command: str | None = None, progress: bool = True,
+            max_new_tokens: int | None = None) -> dict:
     """Evaluate each allocator with the same scorer and total budget on the evaluation split.
 
     ``scorer``: a training-free method name, or the label of ``checkpoint`` (a trained gate checkpoint,
@@ -444,16 +461,25 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
         "schema": "trainkv.allocation.compare/1", "command": command, "model": model_name,
         "scorer": {"method": model.trainkv_state.method.name, "checkpoint": checkpoint},
         "context_length": context_length, "tasks": list(tasks), "samples_per_task": samples, "seed": seed,
-        "split": "eval", "chunk_size": chunk_size, "dtype": dtype, "samples_digest": samples_digest(eval_samples),
+        "split": "eval", "chunk_size": chunk_size, "dtype": dtype, "max_new_tokens": max_new_tokens,
+        "samples_digest": samples_digest(eval_samples),
         "learned": dict(learned or {}), "device": device_name(device), "versions": package_versions(), "date": now(),
         "runs": [],
     }
     t_start = time.perf_counter()
 
+    def save():
+        from pathlib import Path
+
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record["seconds"] = round(time.perf_counter() - t_start, 1)
+        path.write_text(json.dumps(record, indent=1))
+
     def run(label, budget, eviction, budgets=None):
         t0 = time.perf_counter()
         results = evaluate_samples(model, tok, eval_samples, eviction=eviction, chunk_size=chunk_size,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
         agg = aggregate(results)
         entry = {"allocator": label, "budget": budget, "score": agg["score"], "per_task": agg["per_task"],
                  "compression_mean": agg["compression_mean"], "seconds": round(time.perf_counter() - t0, 2)}
@@ -462,6 +488,8 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             entry["kv_bytes_per_sample"] = sum(layer_bytes(budgets, 1, head_dim, element))
             entry["kept_entries"] = sum(map(sum, budgets))
         record["runs"].append(entry)
+        if output:  # after every run: a killed comparison keeps what it finished
+            save()
         if progress:
             print(f"{label:>12} budget {budget!s:>8}: score {agg['score']:6.2f}  compression "
                   f"{agg['compression_mean']:.3f}  {entry['seconds']:.0f}s", flush=True)
@@ -469,19 +497,24 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
 
     if full:
         run("full", None, {"budget": NO_EVICTION_BUDGET})
-    profile = None
+    profiles: dict[tuple[int, int], ScoreProfile] = {}
+    contexts = None
     for ratio in budgets:
         entries = resolve_budget(ratio, context_length)
         eviction = eviction_settings(entries, chunk_size)
         floor = eviction["sink_tokens"] + eviction["recent_window"]
-        if "xkv" in allocators and profile is None:
-            train = [s for t in tasks for s in generate_samples(t, tok, profile_samples, context_length, seed=seed,
-                                                                 split="train")]
-            contexts = [build_prompt(s, tok).context_ids for s in train]
-            profile = profile_scores(model, contexts, sink_tokens=eviction["sink_tokens"],
-                                     recent_window=eviction["recent_window"])
+        profile = None
+        if "xkv" in allocators:  # profiled on TRAIN-split samples, with this budget's protected tokens
+            if contexts is None:
+                train = [s for t in tasks for s in generate_samples(t, tok, profile_samples, context_length, seed=seed,
+                                                                     split="train")]
+                contexts = [build_prompt(s, tok).context_ids for s in train]
+            key = (eviction["sink_tokens"], eviction["recent_window"])
+            if key not in profiles:
+                profiles[key] = profile_scores(model, contexts, sink_tokens=key[0], recent_window=key[1])
+            profile = profiles[key]
             record["xkv_profile"] = {"samples": len(contexts), "transform": profile.transform,
-                                     "context_tokens": profile.context_tokens}
+                                     "context_tokens": profile.context_tokens, "split": "train"}
         names = list(allocators) + [f"learned:{label}" for label in weights]
         for name in names:
             if name.startswith("learned:"):
@@ -496,11 +529,7 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
                 entry["xkv_retained_importance"] = profile.retained(budgets_lh, floor)
     record["seconds"] = round(time.perf_counter() - t_start, 1)
     if output:
-        from pathlib import Path
-
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
+        save()
     return record
 
 
@@ -528,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["measure"]:  # a layer_budget checkpoint measured from a trained scorer (no training)
+        from .methods.layer_budget import main as measure
+
+        return measure(argv)
     p = argparse.ArgumentParser(prog="python -m trainkv.allocation", description="compare budget allocators with one scorer")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--scorer", default="snapkv", help="training-free method (ignored with --checkpoint)")
@@ -545,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--no-full", action="store_true")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on each sample's generation budget")
     p.add_argument("--device", default=None)
     p.add_argument("--output", required=True, help="JSON file to write")
     args = p.parse_args(argv)
@@ -558,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.scorer, args.checkpoint, [a for a in args.allocators.split(",") if a], learned,
         [float(b) for b in args.budgets.split(",")], args.context_length, tasks, args.samples, args.seed,
         args.profile_samples, args.chunk_size or None, not args.no_full, args.dtype, args.device, args.batch_size,
-        args.output, command="python -m trainkv.allocation " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        args.output, command="python -m trainkv.allocation " + " ".join(shlex.quote(a) for a in argv),
+        max_new_tokens=args.max_new_tokens,
     )
     print(summary_table(record))
     return 0

@@ -78,6 +78,9 @@ class EvictingGenerationMixin:
             cache = EvictingCache.for_model(self, config)
         elif eviction is not None:
             raise ValueError("pass either a cache or eviction settings, not both")
+        if isinstance(cache, EvictingCache):
+            prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            cache.prefill_end = prompt.shape[1] if prompt is not None else None
         if isinstance(cache, EvictingCache) and "prefill_chunk_size" not in kwargs:
             if generation_config is None or getattr(generation_config, "prefill_chunk_size", None) is None:
                 kwargs["prefill_chunk_size"] = cache.config.chunk_size
@@ -144,6 +147,7 @@ def attach(
     for layer in layers:
         attn = layer.self_attn
         module = method_cls(method_config, text_config, attn.layer_idx)
+        module.eviction = eviction_config
         setattr(attn, METHOD_ATTR, module.to(device=device, dtype=dtype if method_cls.trainable else None))
         state.handles.append(attn.register_forward_pre_hook(_bind_layer, with_kwargs=True))
     state.handles.append(model.register_forward_pre_hook(_begin_forward, with_kwargs=True))

@@ -49,7 +49,8 @@ def stored_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor
 def _should_evict(layer, config, budgets: torch.Tensor) -> bool:
     if not layer.owner.eviction_enabled:
         return False
-    decoding = layer.new_tokens == 1 and layer.seen > 1
+    prefill_end = layer.owner.prefill_end  # set by generate; a 1-token prefill chunk is not a decoding step
+    decoding = layer.seen > prefill_end if prefill_end is not None else (layer.new_tokens == 1 and layer.seen > 1)
     if decoding and not config.evict_during_decoding:
         return False
     if config.mode == "threshold":

@@ -199,6 +199,7 @@ class EvictingCache(Cache):
         self.pending_valid: torch.Tensor | None = None  # [B, c] validity of the tokens being added
         self.eviction_enabled = True  # False: append without evicting (e.g. the question after a compressed context)
         self.runtime_bound = False  # set by an attached model's forward pre-hook (see begin_forward)
+        self.prefill_end: int | None = None  # tokens seen once generate's prompt is prefilled (None: unknown)
 
     @classmethod
     def for_model(cls, model, config: EvictionConfig | None = None) -> "EvictingCache":

@@ -1,5 +1,10 @@
-"""Evaluation for trainkv: metrics (and, elsewhere, the harness)."""
+"""Evaluation for trainkv: RULER metrics, prompts, budget sweeps, KL / perplexity, reports (``trainkv eval``)."""
 
 from trainkv.eval.metrics import METRICS, score, string_match_all, string_match_part
+from trainkv.eval.prompts import Prompt, build_prompt, kvpress_row
+from trainkv.eval.runner import DEFAULT_SEED, Sweep, SweepConfig, evaluate_samples, parse_budget, run_batch
 
-__all__ = ["METRICS", "score", "string_match_all", "string_match_part"]
+__all__ = [
+    "METRICS", "score", "string_match_all", "string_match_part", "Prompt", "build_prompt", "kvpress_row",
+    "DEFAULT_SEED", "Sweep", "SweepConfig", "evaluate_samples", "parse_budget", "run_batch",
+]

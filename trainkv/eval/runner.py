@@ -47,7 +47,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -242,12 +242,14 @@ def run_batch(
     """Compress each prompt's context, append its question uncompressed, decode greedily.
 
     ``model`` has a trainkv method attached; ``eviction`` holds the overrides of its eviction settings
-    (``None``: the attached ones). Returns, per prompt: the generated ``tokens`` (up to EOS, inclusive),
+    (``None``: the full cache, nothing evicted). Returns, per prompt: the generated ``tokens`` (up to EOS, inclusive),
     the ``prediction`` text, and the cache's ``kept`` entries per (layer, KV head) after the context.
     """
     device = next(model.parameters()).device
     pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     cache = model.new_cache(eviction)
+    if eviction is None:  # full cache: nothing is evicted, whatever the method (threshold-mode gates too)
+        cache.eviction_enabled = False
     b = len(prompts)
     ctx_ids, ctx_mask = _left_pad([p.context_ids for p in prompts], pad_id, device)
     ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
@@ -572,6 +574,9 @@ class Sweep:
         config = self.run_config(spec, context_length, budget, samples)
         config["method_config"] = self.method_config(model)
         eviction = config["eviction"]
+        cuda = torch.device(self.config.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         results = evaluate_samples(
             model, self.tokenizer, samples, eviction=eviction, chunk_size=self.config.chunk_size,
@@ -579,7 +584,10 @@ class Sweep:
             progress=progress,
         )
         seconds = time.perf_counter() - t0
-        return make_run_record(config, results, self.tokenizer, self.config.device, seconds)
+        record = make_run_record(config, results, self.tokenizer, self.config.device, seconds)
+        if cuda:
+            record["timing"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return record
 
     # --- everything ------------------------------------------------------------------------------
     def plan(self) -> list[tuple[MethodSpec, int, Any]]:

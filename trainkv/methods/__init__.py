@@ -23,6 +23,7 @@ def register_method(cls: type[EvictionMethod]) -> type[EvictionMethod]:
 
 for _cls in (StreamingLLM, H2O, SnapKV, TOVA, CORM, RandomScores, AttentionGate, RetainingHead):
     register_method(_cls)
+from .layer_budget import LayerBudget, LayerBudgetConfig  # noqa: E402  (learned layer budgets; registers itself)
 
 TRAINING_FREE = ("streaming_llm", "h2o", "snapkv", "tova", "corm", "random")
 

@@ -43,9 +43,11 @@ class AttentionGateConfig(MethodConfig):
     ramp: float = 0.3  # fraction of training over which the target ramps from 1 to target_keep
     ratio_weight: float = 5.0
     noise: float = 0.0  # logistic-noise temperature for training (0 = deterministic soft gates)
-    train_chunk_size: int = 512  # chunk size the training mask mirrors (match the runtime's chunk_size)
-    train_sink_tokens: int = 4
-    train_recent_window: int = 32
+    # The training mask mirrors the runtime's chunk / sinks / window; None = take them from the
+    # EvictionConfig the method is attached with (so training and runtime agree by construction).
+    train_chunk_size: int | None = None
+    train_sink_tokens: int | None = None
+    train_recent_window: int | None = None
     loss: str = "kl"  # "kl" (self-distillation), "lm", or "kl+lm"
 
 
@@ -132,12 +134,22 @@ class AttentionGate(EvictionMethod):
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
             logits = logits + self.config.noise * (torch.log(u) - torch.log1p(-u))
         self.last_logits = logits
+        chunk, sinks, window = self.training_semantics()
         out = gated_chunk_attention(
             query, key, value, F.logsigmoid(logits.float()), scaling,
-            chunk=self.config.train_chunk_size, sinks=self.config.train_sink_tokens,
-            window=self.config.train_recent_window, attention_mask=attention_mask,
+            chunk=chunk, sinks=sinks, window=window, attention_mask=attention_mask,
         )
         return out.transpose(1, 2).contiguous(), None
+
+    def training_semantics(self) -> tuple[int, int, int]:
+        """(chunk size, sink tokens, recent window) the training mask uses: the config's, else the runtime's."""
+        ev = self.eviction
+        pick = lambda own, runtime, default: own if own is not None else (runtime if ev is not None else default)  # noqa: E731
+        return (
+            pick(self.config.train_chunk_size, ev and ev.chunk_size, 512),
+            pick(self.config.train_sink_tokens, ev and ev.sink_tokens, 4),
+            pick(self.config.train_recent_window, ev and ev.recent_window, 32),
+        )
 
     @classmethod
     def training_loss(cls, model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -178,7 +190,8 @@ class AttentionGate(EvictionMethod):
             lm = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
             loss = loss + lm
             logs["lm"] = lm.item()
-        keep = keep_fraction([g.last_logits for g in gates], cfg.train_sink_tokens, cfg.train_recent_window)
+        _, sinks, window = gates[0].training_semantics()
+        keep = keep_fraction([g.last_logits for g in gates], sinks, window)
         target = target_keep(cfg, progress)
         ratio = F.relu(keep - target)
         loss = loss + cfg.ratio_weight * ratio

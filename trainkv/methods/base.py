@@ -86,6 +86,7 @@ class EvictionMethod(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.eviction = None  # the EvictionConfig it was attached with (set by `attach`)
         text = model_config.get_text_config(decoder=True)
         self.num_kv_heads = text.num_key_value_heads
         self.num_heads = text.num_attention_heads

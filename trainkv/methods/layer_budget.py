@@ -38,9 +38,8 @@ layer, and then bytes follow the allocation exactly.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -59,7 +58,8 @@ class LayerBudgetConfig(MethodConfig):
     """Settings of the learned allocation.
 
     base: the scorer's method config (``{method: attention_gate | retaining_head, ...}``); with
-        ``base_checkpoint`` its settings come from that checkpoint, keys given here override them.
+        ``base_checkpoint`` its settings come from that checkpoint, keys given here override them;
+        null: the checkpoint's (without one: ``attention_gate``).
     base_checkpoint: trained scorer checkpoint (path, ``alias/name`` or Hub id) whose weights are loaded
         into the base at attach time. Null: the base starts untrained (use ``train_base: true``), or its
         weights come from a ``layer_budget`` checkpoint being loaded.
@@ -69,14 +69,14 @@ class LayerBudgetConfig(MethodConfig):
     target_keep / ramp / ratio_weight / loss: the objective (as Attention-Gate's; ``ramp`` from the
         starting keep ratio 1.0 to ``target_keep`` over that fraction of training, 0 = none).
     train_chunk_size / train_sink_tokens / train_recent_window: the soft mask's chunk / sinks / window
-        (null: the Attention-Gate base's ``train_*`` values, else 512 / 4 / 32); match the runtime.
+        (null: those of the `EvictionConfig` the method is attached with, so training mirrors the runtime).
     measure_from: the keep fractions that become the allocation are averaged over the steps with
         ``progress >= measure_from``.
     report_context: context length (tokens) at which `write_allocation_artifacts` reports integer budgets.
     """
 
     name = "layer_budget"
-    base: dict = field(default_factory=lambda: {"method": "attention_gate"})
+    base: dict | None = None
     base_checkpoint: str | None = None
     per_head: bool = False
     train_base: bool = False
@@ -94,6 +94,9 @@ class LayerBudgetConfig(MethodConfig):
     def __post_init__(self):
         if isinstance(self.base, str):
             self.base = {"method": self.base}
+        explicit = self.base is not None
+        if self.base is None:
+            self.base = {"method": "attention_gate"}
         if not isinstance(self.base, dict) or "method" not in self.base:
             raise ValueError(f"layer_budget: base must be a method config with a `method` key, got {self.base!r}")
         if self.base_checkpoint:
@@ -101,7 +104,7 @@ class LayerBudgetConfig(MethodConfig):
             if found is not None:
                 saved = dict(found["method"])
                 asked = self.base.get("method")
-                if asked and asked != saved["method"]:
+                if explicit and asked != saved["method"]:
                     raise ValueError(f"layer_budget: base says method {asked!r}, but {self.base_checkpoint} holds "
                                      f"{saved['method']!r}")
                 if found.get("lora"):
@@ -117,13 +120,20 @@ class LayerBudgetConfig(MethodConfig):
         if self.loss not in ("kl", "lm", "kl+lm"):
             raise ValueError(f"layer_budget: loss must be kl, lm or kl+lm, got {self.loss!r}")
 
-    # the soft mask's chunk / sinks / window
-    def mask_settings(self) -> tuple[int, int, int]:
+    def mask_settings(self, eviction=None) -> tuple[int, int, int]:
+        """(chunk size, sink tokens, recent window) of the soft mask: these settings', else the runtime's
+        (``eviction``, the `EvictionConfig` attached with), else the Attention-Gate base's, else 512 / 4 / 32."""
         ag = self.base if self.base["method"] == "attention_gate" else {}
-        chunk = self.train_chunk_size or ag.get("train_chunk_size") or 512
-        sinks = self.train_sink_tokens if self.train_sink_tokens is not None else ag.get("train_sink_tokens", 4)
-        window = self.train_recent_window if self.train_recent_window is not None else ag.get("train_recent_window", 32)
-        return int(chunk), int(sinks), int(window)
+        out = []
+        for own, runtime, default in (("train_chunk_size", "chunk_size", 512), ("train_sink_tokens", "sink_tokens", 4),
+                                      ("train_recent_window", "recent_window", 32)):
+            value = getattr(self, own)
+            if value is None and eviction is not None:
+                value = getattr(eviction, runtime)
+            if value is None:
+                value = ag.get(own)
+            out.append(int(default if value is None else value))
+        return out[0], out[1], out[2]
 
 
 # --- base checkpoint files ------------------------------------------------------------------------------
@@ -286,7 +296,7 @@ class LayerBudget(EvictionMethod):
                                  torch.ones(raw.shape[0], raw.shape[2], dtype=torch.bool, device=raw.device))
         logits = self.calibrate(raw)
         self.last_logits = logits
-        chunk, sinks, window = self.config.mask_settings()
+        chunk, sinks, window = self.config.mask_settings(self.eviction)
         out = gated_chunk_attention(query, key, value, F.logsigmoid(logits), scaling, chunk=chunk, sinks=sinks,
                                     window=window, attention_mask=attention_mask)
         return out.transpose(1, 2).contiguous(), None
@@ -299,7 +309,7 @@ class LayerBudget(EvictionMethod):
 
         mods = method_modules(model)
         cfg: LayerBudgetConfig = mods[0].config
-        _, sinks, window = cfg.mask_settings()
+        _, sinks, window = cfg.mask_settings(mods[0].eviction)
         labels = batch.get("labels")
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
         real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
@@ -402,6 +412,101 @@ def allocation_weights(mods: list[LayerBudget]) -> list[list[float]]:
     return table
 
 
+@torch.no_grad()
+def measure_allocation(model, batches) -> list[list[float]]:
+    """Re-measure the keep fractions on ``batches`` (dicts with ``input_ids``, ``attention_mask``) with the current
+    offsets (one soft-eviction forward each, no gradients), replace the accumulated statistics with them and write
+    the allocation weights into the attached eviction config. Returns the weights ``[L][H]``.
+
+    On a base fresh from its checkpoint (offsets 0) this is the allocation the trained scorer implies by itself
+    (its gates were trained under a global keep ratio, so their keep fractions already differ across layers)."""
+    from ..attach import method_modules
+
+    mods = method_modules(model)
+    for m in mods:
+        m.keep_sum, m.keep_steps = None, 0
+    cfg: LayerBudgetConfig = mods[0].config
+    _, sinks, window = cfg.mask_settings(mods[0].eviction)
+    device = next(model.parameters()).device
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        for m in mods:
+            m.soft_eviction, m._valid = True, real
+        try:
+            model(**batch)
+        finally:
+            for m in mods:
+                m.soft_eviction, m._valid = False, None
+        evictable = evictable_mask(real, sinks, window)
+        per_head = torch.stack([masked_keep(m.last_logits, evictable) for m in mods])
+        for m in mods:
+            m.last_logits = None
+        record_keep(model, mods, per_head, progress=1.0)
+    return allocation_weights(mods)
+
+
+def _train_batches(tokenizer, num_samples: int, seq_len: int, context_tokens: list[int], seed: int,
+                   batch_size: int):
+    """SFT batches of the synthetic tasks' TRAIN split (as the recipe's ``data.source=builtin:tasks``)."""
+    from ..training.config import DataConfig
+    from ..training.data import build_dataset, collate
+
+    cfg = DataConfig(source="builtin:tasks", format="sft", seq_len=seq_len, num_samples=num_samples,
+                     context_tokens=context_tokens, seed=seed)
+    cfg.validate()
+    data = build_dataset(cfg, tokenizer, seed=seed)
+    rows = [data[i] for i in range(len(data))]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return [collate(rows[i:i + batch_size], pad) for i in range(0, len(rows), batch_size)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainkv.allocation measure``: a ``layer_budget`` checkpoint from a trained scorer without
+    training (offsets 0: the scorer's own measured allocation), or re-measured from a trained one (``--from``)."""
+    import argparse
+
+    import trainkv
+
+    p = argparse.ArgumentParser(prog="python -m trainkv.allocation", description=main.__doc__)
+    p.add_argument("command", choices=["measure"])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base", help="trained attention_gate / retaining_head checkpoint (offsets start at 0)")
+    src.add_argument("--from", dest="source", help="a trained layer_budget checkpoint to re-measure")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--output", required=True, help="checkpoint directory to write")
+    p.add_argument("--per-head", action="store_true")
+    p.add_argument("--target-keep", type=float, default=0.125, help="recorded in the config (the report's ratio)")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--context-tokens", type=int, nargs="+", default=[900, 1300])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=11, help="TRAIN-split data seed")
+    p.add_argument("--device", default=None)
+    p.add_argument("--report-context", type=int, default=1024)
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = trainkv.load_tokenizer(args.model)
+    if args.source:
+        model = trainkv.load_gated(args.source, device=device)
+    else:
+        from ..hub.checkpoint import GateCheckpoint
+        from ..hub.load import resolve_checkpoint
+
+        base_eviction = GateCheckpoint.load(resolve_checkpoint(args.base)).config["eviction"]
+        model = trainkv.load_model(args.model, device=device)
+        trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": args.base, "per_head": args.per_head,
+                               "target_keep": args.target_keep, "report_context": args.report_context},
+                       trainkv.EvictionConfig.from_dict(base_eviction))
+    batches = _train_batches(tok, args.samples, args.seq_len, args.context_tokens, args.seed, args.batch_size)
+    weights = measure_allocation(model, batches)
+    trainkv.save_gated(model, args.output)
+    write_allocation_artifacts(args.output)
+    print(f"layer_budget: measured on {args.samples} TRAIN-split samples; per-layer weights "
+          f"{[round(sum(r) / len(r), 3) for r in weights]}; written to {args.output}")
+    return 0
+
+
 def write_allocation_artifacts(checkpoint_dir, ratios: list[float] | None = None, context_tokens: int | None = None) -> dict:
     """Next to a trained ``layer_budget`` checkpoint: ``allocation.json`` (weights, learned offsets, integer
     head budgets at each keep ratio for ``context_tokens``, per-layer bytes vs uniform) and ``allocation.png``.
@@ -456,5 +561,5 @@ from . import register_method  # noqa: E402
 
 register_method(LayerBudget)
 
-__all__ = ["LayerBudget", "LayerBudgetConfig", "allocation_weights", "evictable_mask", "masked_keep", "record_keep",
-           "write_allocation_artifacts"]
+__all__ = ["LayerBudget", "LayerBudgetConfig", "allocation_weights", "evictable_mask", "masked_keep",
+           "measure_allocation", "record_keep", "write_allocation_artifacts"]

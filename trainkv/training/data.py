@@ -75,14 +75,18 @@ def synthetic_samples(cfg: DataConfig, tokenizer, seed: int) -> list:
     per = [total // len(combos) + (1 if i < total % len(combos) else 0) for i in range(len(combos))]
     split = TRAIN_SPLIT
     _check_train_split(split)
-    out = []
-    for i, ((task, length), n) in enumerate(zip(combos, per)):
+    out, skipped = [], []
+    for (task, length), n in zip(combos, per):
         if n == 0:
             continue
         try:
             out.extend(task_mod.generate_samples(task, tokenizer, n, length, seed=seed * 1000 + lengths.index(length), split=split))
-        except ValueError as err:
-            raise ConfigError(f"synthetic task {task!r} at {length} context tokens: {err}") from None
+        except ValueError as err:  # e.g. a task whose smallest context is longer than `length`
+            skipped.append(f"{task}@{length}: {err}")
+    if skipped:
+        logger.warning("data: skipped synthetic tasks that cannot be generated at these lengths: %s", "; ".join(skipped))
+    if not out:
+        raise ConfigError(f"data: no synthetic sample could be generated ({'; '.join(skipped)})")
     for s in out:
         _check_train_split(getattr(s, "split", TRAIN_SPLIT))
     return out
@@ -149,19 +153,52 @@ def _local_files(source: str) -> list[str] | None:
     return None
 
 
-def load_raw(cfg: DataConfig):
-    """The raw `datasets.Dataset` of a Hub name or local files."""
-    import datasets
+def _have_datasets() -> bool:
+    import importlib.util
 
+    return importlib.util.find_spec("datasets") is not None
+
+
+def _read_local(files: list[str]) -> list[dict]:
+    """Rows of local json / jsonl / txt files without `datasets` (a .txt file is one document)."""
+    import json
+
+    rows: list[dict] = []
+    for f in files:
+        suffix = Path(f).suffix
+        text = Path(f).read_text(encoding="utf-8")
+        if suffix == ".txt":
+            rows.append({"text": text})
+        elif suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
+            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        elif suffix == ".json":
+            rows.extend(json.loads(text))
+        else:
+            raise ConfigError(f"data.source {f}: reading {suffix} files needs the `datasets` package (pip install datasets)")
+    return rows
+
+
+def load_raw(cfg: DataConfig):
+    """The raw rows of a Hub name or local files: a `datasets.Dataset` (or, without `datasets`, a list of dicts
+    for local json / jsonl / txt files)."""
     files = _local_files(cfg.source)
     if files is not None:
         types = {LOCAL_TYPES.get(Path(f).suffix) for f in files}
         if None in types or len(types) != 1:
             raise ConfigError(f"data.source {cfg.source}: files must all be one of {sorted(LOCAL_TYPES)} types, got {files[:5]}")
         builder = types.pop()
+        if not _have_datasets():
+            rows = _read_local(files)
+            return rows[: cfg.num_samples] if cfg.num_samples is not None else rows
+        import datasets
+
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     else:
+        if not _have_datasets():
+            raise ConfigError(f"data.source {cfg.source!r}: loading a Hub dataset needs the `datasets` package")
+        import datasets
+
         if cfg.split.lower() in ("test", "validation", "eval"):
             logger.warning("training on the %r split of %s", cfg.split, cfg.source)
         try:
@@ -172,6 +209,40 @@ def load_raw(cfg: DataConfig):
     if cfg.num_samples is not None and len(ds) > cfg.num_samples:
         ds = ds.select(range(cfg.num_samples))
     return ds
+
+
+class TokenRows:
+    """Tokenized rows held in memory (``input_ids``, ``labels``): what `build_dataset` returns without `datasets`.
+
+    Indexing follows `datasets.Dataset`: an int gives a row dict, a list of ints a dict of columns,
+    a column name the whole column.
+    """
+
+    column_names = ["input_ids", "labels"]
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
+        self._cols = {"input_ids": input_ids, "labels": labels}
+
+    def __len__(self) -> int:
+        return len(self._cols["input_ids"])
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self._cols[key]
+        if isinstance(key, (list, tuple, np.ndarray)):
+            return {k: [v[int(i)] for i in key] for k, v in self._cols.items()}
+        return {k: v[key] for k, v in self._cols.items()}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    return {k: [r.get(k) for r in rows] for k in keys}
 
 
 # --- tokenization ---------------------------------------------------------------------------------
@@ -262,28 +333,31 @@ def tokenize_sft(rows, tokenizer, cfg: DataConfig) -> tuple[list[list[int]], lis
 
 
 def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
-    """The tokenized training set: a `datasets.Dataset` with ``input_ids`` and ``labels`` columns."""
-    import datasets
-
+    """The tokenized training set: rows with ``input_ids`` and ``labels`` (a `datasets.Dataset`, or `TokenRows`
+    when `datasets` is not installed and the source is builtin or local json / jsonl / txt)."""
     data_seed = cfg.seed if cfg.seed is not None else seed
     if cfg.source.startswith("builtin"):
         if tokenizer is None:
             raise ConfigError("data.source=builtin needs a tokenizer (set `tokenizer`)")
-        rows = _builtin_rows(cfg, tokenizer, data_seed)
-        raw = datasets.Dataset.from_list(rows) if rows else None
-        if raw is None:
+        raw = _builtin_rows(cfg, tokenizer, data_seed)
+        if not raw:
             raise ConfigError(f"data.source {cfg.source}: produced no rows")
+        if _have_datasets():
+            import datasets
+
+            raw = datasets.Dataset.from_list(raw)
     else:
         raw = load_raw(cfg)
-    columns = set(raw.column_names)
-    if "input_ids" in columns:  # already tokenized
-        def take(batch):
-            ids = batch["input_ids"]
-            labels = batch["labels"] if "labels" in batch else [list(x) for x in ids]
-            keep = [i for i, x in enumerate(ids) if 0 < len(x) <= cfg.seq_len]
-            return {"input_ids": [ids[i] for i in keep], "labels": [labels[i] for i in keep]}
+    in_memory = isinstance(raw, list)
+    columns = set(_columns(raw)) if in_memory else set(raw.column_names)
 
-        ds = raw.map(take, batched=True, remove_columns=raw.column_names)
+    if "input_ids" in columns:  # already tokenized
+        def fn(batch):
+            ids = batch["input_ids"]
+            labels = batch["labels"] if batch.get("labels") is not None else [list(x) for x in ids]
+            keep = [i for i, x in enumerate(ids) if 0 < len(x) <= cfg.seq_len]
+            return {"input_ids": [list(ids[i]) for i in keep], "labels": [list(labels[i] or ids[i]) for i in keep]}
+        kwargs = {}
     elif tokenizer is None:
         raise ConfigError("the data is text: set `tokenizer` (an alias or directory) to tokenize it")
     elif cfg.format == "cpt":
@@ -292,23 +366,26 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
         eos = tokenizer.eos_token_id
         field = cfg.text_field
 
-        def pack(batch):
+        def fn(batch):
             blocks = pack_documents(_encode(tokenizer, [t for t in batch[field] if t]), cfg.seq_len, eos)
             return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
         # pack in one pass when small (no tail lost per batch), in batches of 1000 documents otherwise
-        ds = raw.map(pack, batched=True, batch_size=max(1000, len(raw)) if len(raw) <= 20000 else 1000,
-                     remove_columns=raw.column_names, num_proc=cfg.num_proc)
+        kwargs = {"batch_size": max(1000, len(raw)) if len(raw) <= 20000 else 1000, "num_proc": cfg.num_proc}
     else:
-        def sft(batch):
+        def fn(batch):
             rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
             ids, labels, _ = tokenize_sft(rows, tokenizer, cfg)
             return {"input_ids": ids, "labels": labels}
+        kwargs = {"num_proc": cfg.num_proc}
 
-        ds = raw.map(sft, batched=True, remove_columns=raw.column_names, num_proc=cfg.num_proc)
-        if len(ds) < len(raw):
-            logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
-                           len(raw) - len(ds), len(raw), cfg.seq_len)
+    if in_memory:
+        out = fn(_columns(raw))
+        ds = TokenRows(out["input_ids"], out["labels"])
+    else:
+        ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
+    if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
+        logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
+                       len(raw) - len(ds), len(raw), cfg.seq_len)
     if len(ds) == 0:
         raise ConfigError(
             f"data: no training sequence left from {cfg.source!r} (format={cfg.format}, seq_len={cfg.seq_len}); "
@@ -396,6 +473,6 @@ def get_batch(dataset, order: SampleOrder, start: int, count: int, pad_id: int) 
 
 
 __all__ = [
-    "IGNORE_INDEX", "BatchPlan", "SampleOrder", "build_dataset", "collate", "get_batch", "load_raw", "pack_documents",
+    "IGNORE_INDEX", "BatchPlan", "SampleOrder", "TokenRows", "build_dataset", "collate", "get_batch", "load_raw", "pack_documents",
     "synthetic_samples", "tokenize_sft",
 ]

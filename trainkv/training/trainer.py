@@ -266,6 +266,31 @@ def _configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
 
 
 @contextlib.contextmanager
+def _zero_init(enabled: bool):
+    """Build the model inside DeepSpeed's ``zero.Init`` only when asked.
+
+    accelerate registers its ZeRO-3 config with transformers whatever ``zero3_init_flag`` says, so
+    ``from_pretrained`` / ``from_config`` would always construct partitioned weights. With the flag off
+    (and always for random ``model_config`` models, whose init must not depend on the launcher) the
+    model is built whole on every process and partitioned by `accelerator.prepare`.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    if enabled or saved is None:
+        yield
+        return
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
 def _gathered(accelerator, params):
     """Under ZeRO-3, materialise ``params`` on every process for the duration (no-op otherwise)."""
     if _zero_stage(accelerator) == 3:
@@ -467,10 +492,13 @@ def train(
 
     # --- model, method, LoRA ---
     device = torch.device("cpu") if deepspeed else accelerator.device
-    if model is None:
-        model = build_model(cfg, dtype, device)
-    elif not isinstance(model, nn.Module):
-        model = model()
+    zero_init = _zero_stage(accelerator) == 3 and cfg.model_config is None and bool(
+        accelerator.state.deepspeed_plugin.zero3_init_flag)
+    with _zero_init(zero_init):
+        if model is None:
+            model = build_model(cfg, dtype, device)
+        elif not isinstance(model, nn.Module):
+            model = model()
     model.config.use_cache = False
     named = setup_trainable(model, cfg, upcast=mixed != "no" and not deepspeed)
     if cfg.gradient_checkpointing:
@@ -480,7 +508,7 @@ def train(
         ckpt.check_names(weights_saved, named, resume_from)
         ckpt.load_weights(named, weights_saved)
     num_trainable = sum(p.numel() for _, p in named)
-    num_total = sum(p.numel() for p in model.parameters())
+    num_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 init: partitioned
 
     # DeepSpeed: one parameter group (ZeRO links the optimizer state of a second group wrongly)
     optimizer, group_names = make_optimizer(named, cfg, single_group=deepspeed)
@@ -581,6 +609,8 @@ def train(
                       "samples_seen": samples_seen}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if on_gpu:
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             history.append(record)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 if cfg.report_to != "none":
@@ -588,8 +618,8 @@ def train(
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-            bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            bar.update(1)
             # --- checkpoint ---
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 state = {"step": step, "samples_seen": samples_seen, "global_batch": plan.global_batch,
@@ -624,6 +654,7 @@ def train(
                 "final_loss": history[-1]["loss"] if history else None, "resumed_from": str(resume_from) if resume_from else None,
                 "replica_checksums": checksums, "weights_sha256": _weights_digest(weights),
                 "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
             }
             (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()

@@ -1,0 +1,139 @@
+"""``trainkv eval``: budget sweeps over methods x budgets x tasks x context lengths, with tables and plots.
+
+Examples::
+
+    trainkv eval --model smollm2-135m --methods full snapkv streaming_llm tova --budgets 0.5 0.25 0.125 0.0625 \\
+        --tasks ruler --context-lengths 512 1024 2048 --samples 5 --output results/smollm2-baseline
+    trainkv eval --methods full attention_gate --checkpoint attention_gate=checkpoints/smollm2-135m/attention_gate ...
+    trainkv eval --kl-only --methods full snapkv --budgets 0.25 0.125 --context-lengths 1024 --output results/kl
+    trainkv eval --report-only --output results/smollm2-baseline      # rebuild summary.md / plots
+
+See ``trainkv.eval.runner`` for the protocol (query-agnostic chunked prefill with eviction, question
+appended uncompressed, greedy decoding) and ``trainkv.eval.quality`` for KL / perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _checkpoint(text: str) -> tuple[str, str]:
+    name, eq, path = text.partition("=")
+    if not eq or not name or not path:
+        raise argparse.ArgumentTypeError(f"--checkpoint takes NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _budget(text: str):
+    from trainkv.eval.runner import parse_budget
+
+    try:
+        return parse_budget(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _chunk(text: str) -> int | None:
+    if text.lower() in ("none", "0", "all", "full"):
+        return None
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("chunk size must be positive (or 'none' for one pass)")
+    return value
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``eval`` sub-command on ``trainkv``'s sub-parsers."""
+    from trainkv.eval.runner import DEFAULT_SEED
+
+    p = subparsers.add_parser(
+        "eval", help="budget sweeps over methods x budgets x tasks x context lengths (JSON, table, plot)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="model alias, local directory or Hub repo id")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="'full', training-free methods (optionally 'snapkv:window_size=64'), or names given with "
+                        "--checkpoint (default: full and every training-free method)")
+    p.add_argument("--method", dest="methods_single", default=None, help="a single method (same as --methods M)")
+    p.add_argument("--checkpoint", action="append", type=_checkpoint, default=[], metavar="NAME=PATH",
+                   help="a trained gate checkpoint (path, alias or Hub repo) evaluated as method NAME; repeatable")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=None,
+                   help="keep ratios in (0, 1) (e.g. 0.125 or 1/8) or absolute entries per layer and KV head "
+                        "(default: 0.5 0.25 0.125 0.0625)")
+    p.add_argument("--budget", dest="budget_single", type=_budget, default=None, help="a single budget")
+    p.add_argument("--tasks", nargs="+", default=["ruler"],
+                   help="task names; 'ruler' = RULER's 11 offline tasks, 'all' = every task (default: ruler)")
+    p.add_argument("--context-lengths", nargs="+", type=int, default=[512, 1024, 2048])
+    p.add_argument("--samples", type=int, default=5, help="samples per task and context length")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the EVAL-split samples (default {DEFAULT_SEED}; training uses the TRAIN split)")
+    p.add_argument("--output", default="results/eval", help="output directory (resumable: finished runs are skipped)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per forward (left padding; same results)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--chunk-size", type=_chunk, default=512,
+                   help="prefill chunk size; eviction after each chunk ('none': the whole context in one pass, "
+                        "as kvpress) (default 512)")
+    p.add_argument("--sink-tokens", type=int, default=None, help="protected first tokens (default 4)")
+    p.add_argument("--recent-window", type=int, default=None, help="protected recent tokens (default min(32, budget // 4))")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on each sample's generation budget")
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="no chat template (raw context + question)")
+    p.add_argument("--overwrite", action="store_true", help="recompute runs whose JSON exists")
+    p.add_argument("--kl", action="store_true", help="also KL to the full cache / perplexity on held-out prose")
+    p.add_argument("--kl-only", action="store_true", help="only the KL / perplexity runs (no tasks)")
+    p.add_argument("--kl-samples", type=int, default=4, help="prose segments per context length for --kl")
+    p.add_argument("--kl-chunk-size", type=int, default=64, help="chunk size of the --kl runs (default 64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (on a busy or small CPU, 1 is often fastest)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild summary.json/.md and the plots")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def config_from_args(args):
+    from trainkv.eval.runner import FULL, SweepConfig
+    from trainkv.methods import TRAINING_FREE
+
+    checkpoints = dict(args.checkpoint)
+    methods = list(args.methods or [])
+    if args.methods_single:
+        methods.append(args.methods_single)
+    if not methods:
+        methods = [FULL, *TRAINING_FREE, *checkpoints]
+    budgets = list(args.budgets or [])
+    if args.budget_single is not None:
+        budgets.append(args.budget_single)
+    if not budgets:
+        budgets = [0.5, 0.25, 0.125, 0.0625]
+    return SweepConfig(
+        model=args.model, methods=methods, checkpoints=checkpoints, budgets=budgets, tasks=args.tasks,
+        context_lengths=args.context_lengths, samples=args.samples, seed=args.seed, output=args.output,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
+        sink_tokens=args.sink_tokens, recent_window=args.recent_window, max_new_tokens=args.max_new_tokens,
+        chat=args.chat, overwrite=args.overwrite, tasks_enabled=not args.kl_only, kl=args.kl or args.kl_only,
+        kl_samples=args.kl_samples, kl_chunk_size=args.kl_chunk_size, progress=args.progress,
+    )
+
+
+def cmd_eval(args) -> int:
+    from trainkv.eval import report
+    from trainkv.eval.runner import Sweep
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    sweep = Sweep(config)
+    if args.report_only:
+        summary = report.write_report(config.output)
+    else:
+        summary = sweep.run()
+    print((sweep.out / "summary.md").read_text())
+    print(f"wrote {sweep.out / 'summary.md'}, {sweep.out / 'summary.json'}"
+          + (f", {sweep.out / 'accuracy_vs_budget.png'}" if summary.get("full") or summary.get("methods") else ""))
+    return 0
+
+
+__all__ = ["add_eval_parser", "cmd_eval", "config_from_args"]

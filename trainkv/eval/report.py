@@ -1,0 +1,359 @@
+"""Result files of a sweep -> ``summary.json``, ``summary.md`` and the plots.
+
+Layout of an output directory::
+
+    runs/<method>__L<context length>__<budget>.json     one task run (see trainkv.eval.runner)
+    quality/<method>__L<context length>__<budget>.json  one KL / perplexity run (trainkv.eval.quality)
+    summary.json  summary.md  accuracy_vs_budget.png  [kl_vs_budget.png]
+
+``<budget>`` is ``r<keep ratio>``, ``n<entries>`` or ``full``. Scores are RULER string-match scores
+(0-100); a table cell is the mean over every sample of every task of the run, and its share of the
+full-cache score at the same context length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable
+
+FULL = "full"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------------------
+def load_records(out_dir: str | Path, kind: str = "tasks") -> list[dict[str, Any]]:
+    """Every run JSON of ``kind`` (``tasks`` -> runs/, ``quality`` -> quality/) in ``out_dir``."""
+    folder = Path(out_dir) / ("runs" if kind == "tasks" else "quality")
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if rec.get("kind") == kind:
+            rec["_path"] = str(path)
+            records.append(rec)
+    return records
+
+
+def matches(record: dict[str, Any], selector: dict[str, Any] | None) -> bool:
+    if not selector:
+        return True
+    cfg = record["config"]
+    return all(cfg.get(k) == v for k, v in selector.items() if k in cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------------------
+def _budget_key(info: dict[str, Any]) -> tuple:
+    """Order columns by decreasing keep ratio (full first)."""
+    return (-(info.get("keep_ratio") or 1.0), info.get("label", ""))
+
+
+def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = ()) -> dict[str, Any]:
+    """Pool run records into ``{context length: {method: {budget label: cell}}}`` plus the full-cache scores."""
+    task_records = list(task_records)
+    quality_records = list(quality_records)
+    full: dict[str, dict] = {}
+    methods: dict[str, dict[str, dict[str, dict]]] = {}
+    budgets: dict[str, dict] = {}
+    lengths: set[int] = set()
+    meta: dict[str, Any] = {}
+    for rec in task_records:
+        cfg = rec["config"]
+        length = int(cfg["context_length"])
+        lengths.add(length)
+        label = cfg["method"]["label"]
+        scores = [r["score"] for r in rec["results"]]
+        per_task: dict[str, list[float]] = {}
+        for r in rec["results"]:
+            per_task.setdefault(r["task"], []).append(r["score"])
+        cell = {
+            "score": sum(scores) / len(scores) if scores else math.nan,
+            "n": len(scores),
+            "per_task": {t: sum(v) / len(v) for t, v in per_task.items()},
+            "compression": (sum(r["compression"] for r in rec["results"]) / len(scores)) if scores else math.nan,
+            "entries": cfg["budget"].get("entries"),
+            "keep_ratio": cfg["budget"].get("keep_ratio"),
+            "seconds_per_sample": rec.get("timing", {}).get("seconds_per_sample"),
+            "file": Path(rec.get("_path", "")).name,
+        }
+        meta = meta or {k: cfg.get(k) for k in ("model", "tasks", "samples_per_task", "seed", "split", "dtype",
+                                                 "chunk_size", "chunking")}
+        meta.setdefault("devices", set()).add(rec.get("device"))  # type: ignore[union-attr]
+        if cfg["method"]["method"] == FULL or cfg["budget"].get("label") == FULL:
+            full[str(length)] = cell
+            continue
+        blabel = cfg["budget"]["label"]
+        budgets.setdefault(blabel, {"label": blabel, "spec": cfg["budget"]["spec"],
+                                    "keep_ratio": cfg["budget"]["keep_ratio"]})
+        methods.setdefault(label, {}).setdefault(str(length), {})[blabel] = cell
+    for per_len in methods.values():
+        for length, cells in per_len.items():
+            ref = full.get(length, {}).get("score")
+            for cell in cells.values():
+                cell["relative"] = (100.0 * cell["score"] / ref) if ref else None
+    quality: dict[str, dict[str, dict[str, dict]]] = {}
+    for rec in quality_records:
+        cfg = rec["config"]
+        q_label = cfg["budget"]["label"]
+        quality.setdefault(cfg["method"]["label"], {}).setdefault(str(cfg["context_length"]), {})[q_label] = {
+            **rec["aggregate"], "keep_ratio": cfg["budget"].get("keep_ratio"), "entries": cfg["budget"].get("entries"),
+        }
+        lengths.add(int(cfg["context_length"]))
+        if q_label != FULL:
+            budgets.setdefault(q_label, {"label": q_label, "spec": cfg["budget"]["spec"],
+                                         "keep_ratio": cfg["budget"]["keep_ratio"]})
+    if "devices" in meta:
+        meta["devices"] = sorted(d for d in meta["devices"] if d)
+    ordered = sorted(budgets.values(), key=_budget_key)
+    return {
+        **meta,
+        "context_lengths": sorted(lengths),
+        "budgets": ordered,
+        "full": full,
+        "methods": methods,
+        "quality": quality,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# markdown
+# ---------------------------------------------------------------------------------------------------------
+def budget_title(budget: dict[str, Any]) -> str:
+    spec = budget.get("spec")
+    if isinstance(spec, float):
+        frac = Fraction(spec).limit_denominator(1024)
+        return f"{frac.numerator}/{frac.denominator}" if abs(float(frac) - spec) < 1e-9 and frac.numerator == 1 else f"{spec:.3g}"
+    if isinstance(spec, int):
+        return f"{spec} entries"
+    return str(budget.get("label"))
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown(summary: dict[str, Any], title: str = "trainkv evaluation") -> str:
+    lines = [f"# {title}", ""]
+    tasks = summary.get("tasks") or []
+    lines.append(
+        f"Model `{summary.get('model')}`; tasks: {', '.join(tasks)}; {summary.get('samples_per_task')} samples per task "
+        f"(split `{summary.get('split', 'eval')}`, seed {summary.get('seed')}); dtype {summary.get('dtype')}; "
+        f"prefill chunk {summary.get('chunk_size') or 'whole context'}; device(s): {', '.join(summary.get('devices') or [])}."
+    )
+    lines.append("")
+    lines.append("Cells: mean RULER string-match score (0-100) over all samples, and in parentheses its share of the "
+                 "full-cache score at the same context length. Columns are keep ratios (budget = ratio x context "
+                 "length entries per layer and KV head).")
+    budgets = summary["budgets"]
+    for length in summary["context_lengths"]:
+        key = str(length)
+        full = summary["full"].get(key)
+        rows = [m for m in summary["methods"] if key in summary["methods"][m]]
+        if not rows and not full:
+            continue
+        lines += ["", f"## {length} tokens", ""]
+        cols = [b for b in budgets if any(b["label"] in summary["methods"][m][key] for m in rows)]
+        lines.append("| method | " + " | ".join(budget_title(b) for b in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        if full:
+            cell = f"{_fmt(full['score'])} (100%)"
+            lines.append("| full cache | " + " | ".join(cell for _ in cols) + " |")
+        for m in rows:
+            cells = []
+            for b in cols:
+                c = summary["methods"][m][key].get(b["label"])
+                if c is None:
+                    cells.append("")
+                else:
+                    rel = f" ({c['relative']:.0f}%)" if c.get("relative") is not None else ""
+                    cells.append(f"{_fmt(c['score'])}{rel}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        # measured compression
+        lines += ["", "Measured compression (entries kept per layer and KV head after the context / context tokens, "
+                  "chat template included), mean over samples:", ""]
+        lines.append("| method | " + " | ".join(budget_title(b) for b in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for m in rows:
+            cells = []
+            for b in cols:
+                c = summary["methods"][m][key].get(b["label"])
+                cells.append("" if c is None else f"{c['compression']:.3f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += _per_task_markdown(summary)
+    lines += _quality_markdown(summary)
+    return "\n".join(lines) + "\n"
+
+
+def _per_task_markdown(summary: dict[str, Any]) -> list[str]:
+    tasks = summary.get("tasks") or []
+    if len(tasks) < 2:
+        return []
+    lines = ["", "## Per task", ""]
+    for length in summary["context_lengths"]:
+        key = str(length)
+        entries = []
+        if key in summary["full"]:
+            entries.append(("full cache", summary["full"][key]))
+        for m, per_len in summary["methods"].items():
+            for b in summary["budgets"]:
+                c = per_len.get(key, {}).get(b["label"])
+                if c is not None:
+                    entries.append((f"{m} @ {budget_title(b)}", c))
+        if not entries:
+            continue
+        lines += [f"### {length} tokens", ""]
+        lines.append("| run | " + " | ".join(tasks) + " | mean |")
+        lines.append("|---|" + "---|" * (len(tasks) + 1))
+        for name, c in entries:
+            lines.append(f"| {name} | " + " | ".join(_fmt(c["per_task"].get(t)) for t in tasks) + f" | {_fmt(c['score'])} |")
+        lines.append("")
+    return lines
+
+
+def _quality_markdown(summary: dict[str, Any]) -> list[str]:
+    q = summary.get("quality") or {}
+    if not q:
+        return []
+    lines = ["", "## Natural text: KL to the full cache and perplexity", "",
+             "Held-out prose (EVAL split). Cells: mean KL(full || evicted) in nats per token over positions after "
+             "the first `budget` tokens / perplexity of the evicted model (full-cache perplexity over the same "
+             "positions in brackets)."]
+    budgets = [b for b in summary["budgets"]]
+    for length in summary["context_lengths"]:
+        key = str(length)
+        rows = [m for m in q if key in q[m]]
+        if not rows:
+            continue
+        cols = [b for b in budgets if any(b["label"] in q[m][key] for m in rows)]
+        lines += ["", f"### {length} tokens", ""]
+        lines.append("| method | " + " | ".join(budget_title(b) for b in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for m in rows:
+            if FULL in q[m][key]:
+                c = q[m][key][FULL]
+                lines.append(f"| {m} | " + " | ".join(f"0 / {_fmt(c['ppl'], 2)}" for _ in cols) + " |")
+                continue
+            cells = []
+            for b in cols:
+                c = q[m][key].get(b["label"])
+                cells.append("" if c is None else f"{c['kl']:.4f} / {_fmt(c['ppl'], 2)} ({_fmt(c['ppl_full'], 2)})")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
+    """One panel per context length: score relative to the full cache (%) against the keep ratio (log scale)."""
+    plt = _pyplot()
+    lengths = [L for L in summary["context_lengths"] if str(L) in summary["full"]
+               or any(str(L) in v for v in summary["methods"].values())]
+    n = max(1, len(lengths))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.0), squeeze=False, sharey=True)
+    top = 110.0
+    for ax, length in zip(axes[0], lengths):
+        key = str(length)
+        full = summary["full"].get(key)
+        ax.axhline(100.0, color="black", linestyle="--", linewidth=1.2,
+                   label="full cache" + (f" ({full['score']:.1f})" if full else ""))
+        ticks: set[float] = set()
+        for m, per_len in summary["methods"].items():
+            cells = sorted(per_len.get(key, {}).values(), key=lambda c: c["keep_ratio"])
+            ticks.update(c["keep_ratio"] for c in cells)
+            pts = [(c["keep_ratio"], c["relative"]) for c in cells if c.get("relative") is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                top = max(top, max(p[1] for p in pts) + 10)
+        ax.set_xscale("log", base=2)
+        if ticks:
+            ticks_sorted = sorted(ticks)
+            ax.set_xticks(ticks_sorted)
+            ax.set_xticklabels([budget_title({"spec": float(t)}) for t in ticks_sorted])
+            ax.minorticks_off()
+            ax.set_xlim(min(ticks_sorted) / 1.3, max(1.0, max(ticks_sorted)) * 1.1)
+        ax.set_xlabel("keep ratio (entries per layer & KV head / context)")
+        title = f"{length} tokens"
+        if full:
+            title += f" (full cache {full['score']:.1f})"
+            if not full["score"]:
+                ax.text(0.5, 0.3, "full cache scores 0:\nno relative score", transform=ax.transAxes, ha="center")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[0]:
+        ax.set_ylim(-5, top)
+    axes[0][0].set_ylabel("score relative to full cache (%)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{summary.get('model')}: {len(summary.get('tasks') or [])} tasks x {summary.get('samples_per_task')} "
+                 f"samples, query-agnostic eviction")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_quality(summary: dict[str, Any], path: str | Path) -> Path | None:
+    q = summary.get("quality") or {}
+    if not q:
+        return None
+    plt = _pyplot()
+    lengths = [L for L in summary["context_lengths"] if any(str(L) in v for v in q.values())]
+    n = max(1, len(lengths))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.0), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        key = str(length)
+        for m, per_len in q.items():
+            cells = sorted((c for lbl, c in per_len.get(key, {}).items() if lbl != FULL), key=lambda c: c["keep_ratio"])
+            if cells:
+                ax.plot([c["keep_ratio"] for c in cells], [max(c["kl"], 1e-6) for c in cells], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("keep ratio")
+        ax.set_title(f"{length} tokens")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("KL(full || evicted), nats/token")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# everything
+# ---------------------------------------------------------------------------------------------------------
+def write_report(out_dir: str | Path, selector: dict[str, Any] | None = None, title: str = "trainkv evaluation") -> dict:
+    """Write ``summary.json``, ``summary.md``, ``accuracy_vs_budget.png`` (and ``kl_vs_budget.png``)."""
+    out = Path(out_dir)
+    tasks = [r for r in load_records(out, "tasks") if matches(r, selector)]
+    q_selector = {k: v for k, v in (selector or {}).items() if k in ("model", "dtype")}
+    quality = [r for r in load_records(out, "quality") if matches(r, q_selector)]
+    summary = summarize(tasks, quality)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(markdown(summary, title))
+    if tasks:
+        plot_accuracy(summary, out / "accuracy_vs_budget.png")
+    if quality:
+        plot_quality(summary, out / "kl_vs_budget.png")
+    return summary
+
+
+__all__ = ["budget_title", "load_records", "markdown", "plot_accuracy", "plot_quality", "summarize", "write_report"]
