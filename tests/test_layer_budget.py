@@ -234,3 +234,21 @@ def test_shipped_recipe_configs_load(model_dir):
     cfg = TrainConfig.from_yaml(ROOT / "configs" / "recipes" / model_dir / "layer_budget.yaml")
     assert cfg.data.split == "train" and cfg.method["method"] == "layer_budget"
     cfg.check_method()
+
+
+def test_measure_allocation_without_training(ag_base):
+    from trainkv.methods.layer_budget import measure_allocation
+
+    model = tiny()
+    trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "per_head": True},
+                   trainkv.EvictionConfig(**EVICTION))
+    batches = [{"input_ids": random_ids(64, batch=2, seed=s), "attention_mask": torch.ones(2, 64, dtype=torch.long)}
+               for s in (1, 2)]
+    weights = measure_allocation(model, batches)
+    assert model.trainkv_state.eviction.allocation_weights == weights
+    mods = trainkv.method_modules(model)
+    assert all(m.keep_steps == 2 for m in mods)
+    # offsets 0: the base gates' own soft keep fraction over the evictable tokens, under soft eviction
+    assert all(0.0 < w < 1.0 for row in weights for w in row)
+    assert len({round(w, 6) for row in weights for w in row}) > 1  # layers / heads differ
+    trainkv.detach(model)

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eviction_args(g)
     g.set_defaults(func=cmd_generate)
 
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
     try:
         from .eval.cli import add_eval_parser
     except ImportError:

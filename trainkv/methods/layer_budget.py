@@ -16,8 +16,10 @@ to the same frozen model without eviction, where every evictable key's attention
 heads and evictable tokens. The hinge is *global*: the model decides which layers and heads keep more.
 
 From logits to budgets. During the last ``1 - measure_from`` of training, the soft keep fraction of each
-(layer, head) on the training batches is averaged; these are saved as the checkpoint's
-``EvictionConfig.allocation_weights`` (per-layer mode: each layer's mean, the same for its heads). At
+(layer, head) on the training batches is averaged (in memory, not in resumable checkpoints: a run resumed
+inside that stretch measures only the steps after the resume; `measure_allocation` re-measures on
+demand); these are saved as the checkpoint's ``EvictionConfig.allocation_weights`` (per-layer mode:
+each layer's mean, the same for its heads). At
 run time a budget of ``B`` entries per head on average becomes integer budgets proportional to them,
 at least the protected tokens each, summing exactly to ``B x layers x KV heads``
 (`trainkv.allocation.weighted`), for whatever ``B`` the runtime or ``trainkv eval`` uses. (Deviation
@@ -201,6 +203,7 @@ class LayerBudget(EvictionMethod):
         self.keep_sum: torch.Tensor | None = None  # float64 [H]: keep fractions summed over the measured steps
         self.keep_steps = 0
         self.keep_last: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # [B, T] real tokens of the batch in flight (training_loss sets it)
 
     def _load_base(self, path: str, layer_idx: int, model_config) -> None:
         ckpt = _base_checkpoint(path)
@@ -300,8 +303,6 @@ class LayerBudget(EvictionMethod):
         out = gated_chunk_attention(query, key, value, F.logsigmoid(logits), scaling, chunk=chunk, sinks=sinks,
                                     window=window, attention_mask=attention_mask)
         return out.transpose(1, 2).contiguous(), None
-
-    _valid: torch.Tensor | None = None
 
     @classmethod
     def training_loss(cls, model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:

@@ -34,8 +34,10 @@ class SnapKV(EvictionMethod):
         probs = ctx.attention_probs(queries, positions)  # [B,H,g,n,L]
         scores = probs.mean(dim=(2, 3))  # [B,H,L]
         k = self.config.kernel_size
-        if k > 1:
+        if k > 1:  # average pool over neighbouring *valid* entries (padding slots do not dilute the mean)
             b, h, length = scores.shape
-            scores = F.avg_pool1d(scores.reshape(b * h, 1, length), k, stride=1, padding=k // 2, count_include_pad=False)
+            valid = ctx.layer.valid_mask().float().reshape(b * h, 1, length)
+            pool = lambda x: F.avg_pool1d(x, k, stride=1, padding=k // 2, count_include_pad=True)  # noqa: E731
+            scores = pool(scores.reshape(b * h, 1, length) * valid) / pool(valid).clamp(min=1e-9)
             scores = scores.reshape(b, h, length)
         ctx.layer.scores = scores

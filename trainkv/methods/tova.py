@@ -1,9 +1,10 @@
 """TOVA (Token Omission Via Attention): keep the tokens the last query attends to most.
 
 Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024, https://arxiv.org/abs/2401.06104.
-The score of every stored entry is the attention of the most recent query, averaged over the query
-heads of its KV group (kvpress averages over all heads; per-KV-head selection is used here so each
-head keeps what its own queries need). Recomputed at every eviction.
+The score of every stored entry is the attention of the most recent query, averaged over all query
+heads of the layer as in the paper and kvpress's TOVAPress (``average="all"``; every KV head then
+keeps the same tokens), or over the query heads of each KV group (``average="group"``). Recomputed
+at every eviction. Checked against kvpress 0.5.5 (benchmarks/README_kvpress.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from .base import EvictionMethod, MethodConfig, ScoreContext
 @dataclass
 class TOVAConfig(MethodConfig):
     name = "tova"
+    average: str = "all"  # "all" query heads (paper, kvpress) or per KV "group"
+
+    def __post_init__(self):
+        if self.average not in ("all", "group"):
+            raise ValueError(f"tova: average must be 'all' or 'group', got {self.average!r}")
 
 
 class TOVA(EvictionMethod):
@@ -25,4 +31,7 @@ class TOVA(EvictionMethod):
         if not ctx.will_evict:
             return
         probs = ctx.attention_probs(ctx.query[:, :, -1:], ctx.new_query_positions()[:, -1:])  # [B,H,g,1,L]
-        ctx.layer.scores = probs.mean(dim=2)[:, :, 0]
+        scores = probs.mean(dim=2)[:, :, 0]  # [B, Hkv, L]
+        if self.config.average == "all":  # heads hold the same positions slot by slot (they always keep the same set)
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores).contiguous()
+        ctx.layer.scores = scores
