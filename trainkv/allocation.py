@@ -419,7 +419,8 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             samples: int = 5, seed: int | None = None, profile_samples: int = 4, chunk_size: int | None = 512,
             full: bool = True, dtype: str = "float32", device: str | None = None, batch_size: int = 1,
             output: str | None = None, command: str | None = None, progress: bool = True,
-            max_new_tokens: int | None = None) -> dict:
+            max_new_tokens: int | None = None, task_eval: bool = True, kl_segments: int = 0,
+            kl_chunk_size: int = 64) -> dict:
     """Evaluate each allocator with the same scorer and total budget on the evaluation split.
 
     ``scorer``: a training-free method name, or the label of ``checkpoint`` (a trained gate checkpoint,
@@ -427,7 +428,10 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
     ``allocation_weights`` are applied with this same scorer. Budgets are keep ratios of
     ``context_length`` (as ``trainkv eval``: ``round(r * context_length)`` entries per head on average,
     4 sinks, recent window ``min(32, budget // 4)``). xkv is profiled on ``profile_samples`` TRAIN-split
-    samples per task. Returns (and writes to ``output``) a JSON-ready record.
+    samples per task. ``kl_segments`` > 0 also measures, per allocator, the KL divergence to the full cache
+    and the perplexity on that many ``context_length``-token segments of the EVAL-split prose
+    (`trainkv.eval.quality`, fed in chunks of ``kl_chunk_size``); ``task_eval=False`` skips the tasks.
+    Returns (and writes to ``output``) a JSON-ready record.
     """
     import json
     import time
@@ -495,8 +499,14 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
                   f"{agg['compression_mean']:.3f}  {entry['seconds']:.0f}s", flush=True)
         return entry
 
-    if full:
+    if full and task_eval:
         run("full", None, {"budget": NO_EVICTION_BUDGET})
+    segments = None
+    if kl_segments:
+        from .eval.quality import prose_segments
+
+        segments = prose_segments(tok, context_length, kl_segments)
+        record["kl"] = {"segments": len(segments), "chunk_size": kl_chunk_size, "split": "eval", "runs": []}
     profiles: dict[tuple[int, int], ScoreProfile] = {}
     contexts = None
     for ratio in budgets:
@@ -516,6 +526,7 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             record["xkv_profile"] = {"samples": len(contexts), "transform": profile.transform,
                                      "context_tokens": profile.context_tokens, "split": "train"}
         names = list(allocators) + [f"learned:{label}" for label in weights]
+        settings = []
         for name in names:
             if name.startswith("learned:"):
                 budgets_lh = weighted(weights[name.split(":", 1)[1]], entries, floor)
@@ -524,9 +535,30 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
                 budgets_lh = allocate(name, entries, num_layers, num_heads, scores=profile, floor=floor)
                 overrides = eviction_overrides(name, budgets_lh)
             check_allocation(budgets_lh, entries, floor)
+            settings.append((name, overrides, budgets_lh))
+        for name, overrides, budgets_lh in settings if task_eval else []:
             entry = run(name, ratio, {**eviction, **overrides}, budgets_lh)
             if profile is not None and name != "adakv":
                 entry["xkv_retained_importance"] = profile.retained(budgets_lh, floor)
+        if segments:
+            from .eval.quality import quality_batch, summarize_quality
+
+            t0 = time.perf_counter()
+            evictions = [{**eviction_settings(entries, kl_chunk_size), **o} for _, o, _ in settings]
+            per = [[] for _ in settings]
+            for seg in segments:
+                ids = torch.tensor([seg], dtype=torch.long, device=device)
+                for i, r in enumerate(quality_batch(model, ids, evictions, kl_chunk_size, [entries] * len(settings))):
+                    per[i].append({k: (v[0] if isinstance(v, list) else v) for k, v in r.items()})
+            for (name, _, budgets_lh), rows in zip(settings, per):
+                q = summarize_quality(rows)
+                record["kl"]["runs"].append({"allocator": name, "budget": ratio, **q})
+                if progress:
+                    print(f"{name:>12} budget {ratio!s:>8}: KL {q['kl']:.4f}  ppl {q['ppl']:.3f} (full "
+                          f"{q['ppl_full']:.3f})", flush=True)
+            record["kl"]["seconds"] = round(record["kl"].get("seconds", 0) + time.perf_counter() - t0, 1)
+            if output:
+                save()
     record["seconds"] = round(time.perf_counter() - t_start, 1)
     if output:
         save()
@@ -539,7 +571,7 @@ def summary_table(record: dict) -> str:
     budgets = sorted({r["budget"] for r in runs if r["budget"] is not None}, reverse=True)
     names = list(dict.fromkeys(r["allocator"] for r in runs if r["budget"] is not None))
     lines = ["| allocator | " + " | ".join(f"keep {b:g}" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+             "|---|" + "---|" * len(budgets)] if budgets else []
     for name in names:
         cells = []
         for b in budgets:
@@ -549,6 +581,14 @@ def summary_table(record: dict) -> str:
     full = [r for r in runs if r["allocator"] == "full"]
     if full:
         lines.append(f"| full cache | {full[0]['score']:.1f} |" + " |" * (len(budgets) - 1))
+    kl = record.get("kl", {}).get("runs", [])
+    if kl:
+        kb = sorted({r["budget"] for r in kl}, reverse=True)
+        lines += ([""] if lines else []) + ["| allocator | " + " | ".join(f"KL at keep {b:g}" for b in kb) + " |",
+                                            "|---|" + "---|" * len(kb)]
+        for name in dict.fromkeys(r["allocator"] for r in kl):
+            cells = [next((f"{r['kl']:.4f}" for r in kl if r["allocator"] == name and r["budget"] == b), "") for b in kb]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -580,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-full", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on each sample's generation budget")
+    p.add_argument("--kl-segments", type=int, default=0,
+                   help="also the KL to the full cache / perplexity on this many EVAL-split prose segments")
+    p.add_argument("--kl-chunk-size", type=int, default=64)
+    p.add_argument("--no-tasks", action="store_true", help="skip the task evaluation (e.g. KL only)")
     p.add_argument("--device", default=None)
     p.add_argument("--output", required=True, help="JSON file to write")
     args = p.parse_args(argv)
@@ -594,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         [float(b) for b in args.budgets.split(",")], args.context_length, tasks, args.samples, args.seed,
         args.profile_samples, args.chunk_size or None, not args.no_full, args.dtype, args.device, args.batch_size,
         args.output, command="python -m trainkv.allocation " + " ".join(shlex.quote(a) for a in argv),
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens, task_eval=not args.no_tasks, kl_segments=args.kl_segments,
+        kl_chunk_size=args.kl_chunk_size,
     )
     print(summary_table(record))
     return 0

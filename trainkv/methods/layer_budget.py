@@ -68,8 +68,11 @@ class LayerBudgetConfig(MethodConfig):
     per_head: one offset per KV head (else one per layer, shared by its heads).
     train_base: also train the base scorer (joint training); default frozen.
     init_offset: initial offset (Locret base: initial ``b``; 0 = the base's own calibration).
-    target_keep / ramp / ratio_weight / loss: the objective (as Attention-Gate's; ``ramp`` from the
-        starting keep ratio 1.0 to ``target_keep`` over that fraction of training, 0 = none).
+    target_keep: the mean soft keep probability of the evictable tokens the hinge allows (global over layers
+        and heads); train at the operating point, ``(budget - protected) / (context - protected)``, e.g. 0.09
+        for keep 1/8 and 0.045 for keep 1/16 at 1024 tokens (4 sinks, windows 32 / 16).
+    ramp / ratio_weight / loss: as Attention-Gate's (``ramp``: from 1.0 down to ``target_keep`` over that
+        fraction of training, 0 = none, the base is trained already).
     train_chunk_size / train_sink_tokens / train_recent_window: the soft mask's chunk / sinks / window
         (null: those of the `EvictionConfig` the method is attached with, so training mirrors the runtime).
     measure_from: the keep fractions that become the allocation are averaged over the steps with
@@ -83,7 +86,7 @@ class LayerBudgetConfig(MethodConfig):
     per_head: bool = False
     train_base: bool = False
     init_offset: float = 0.0
-    target_keep: float = 0.125
+    target_keep: float = 0.09
     ramp: float = 0.0
     ratio_weight: float = 5.0
     loss: str = "kl"
@@ -477,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--output", required=True, help="checkpoint directory to write")
     p.add_argument("--per-head", action="store_true")
-    p.add_argument("--target-keep", type=float, default=0.125, help="recorded in the config (the report's ratio)")
+    p.add_argument("--target-keep", type=float, default=0.09, help="recorded in the config (no training here)")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--context-tokens", type=int, nargs="+", default=[900, 1300])
@@ -510,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_allocation_artifacts(checkpoint_dir, ratios: list[float] | None = None, context_tokens: int | None = None) -> dict:
     """Next to a trained ``layer_budget`` checkpoint: ``allocation.json`` (weights, learned offsets, integer
-    head budgets at each keep ratio for ``context_tokens``, per-layer bytes vs uniform) and ``allocation.png``.
+    head budgets at each keep ratio, default 1/8 and 1/16, for ``context_tokens``, per-layer bytes vs uniform),
+    ``allocation_r<ratio>.png`` per ratio and ``allocation.png`` (the first ratio).
 
     Budgets use the evaluation's protected tokens (4 sinks, window ``min(32, budget // 4)``).
     """
@@ -529,7 +533,7 @@ def write_allocation_artifacts(checkpoint_dir, ratios: list[float] | None = None
     weights = eviction.get("allocation_weights")
     if weights is None:
         raise ValueError(f"{directory}: no allocation_weights in its eviction settings")
-    ratios = ratios or [float(method.get("target_keep", 0.125))]
+    ratios = list(ratios or (0.125, 0.0625))
     context_tokens = context_tokens or int(method.get("report_context", 1024))
     num_layers, num_heads = len(weights), len(weights[0])
     offsets = [[float(x) for x in ckpt.tensors[f"layers.{i}.offset"].float().tolist()] for i in range(num_layers)]
@@ -550,9 +554,10 @@ def write_allocation_artifacts(checkpoint_dir, ratios: list[float] | None = None
             "layer_totals": [sum(row) for row in budgets], "kv_bytes_bf16": learned_bytes,
             "uniform_kv_bytes_bf16": uniform_bytes,
         }
-        plot_allocation(budgets, directory / ("allocation.png" if len(ratios) == 1 else f"allocation_r{r:g}.png"),
-                        title=f"layer_budget ({report['base']}) keep {r:g} at {context_tokens} tokens: "
-                              f"entries per (layer, KV head)", reference=entries)
+        title = f"layer_budget ({report['base']}) keep {r:g} at {context_tokens} tokens: entries per (layer, KV head)"
+        plot_allocation(budgets, directory / f"allocation_r{r:g}.png", title=title, reference=entries)
+        if r == ratios[0]:
+            plot_allocation(budgets, directory / "allocation.png", title=title, reference=entries)
     (directory / "allocation.json").write_text(json.dumps(report, indent=1))
     return report
 
