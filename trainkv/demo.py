@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-DEMO_TASKS = ["niah_single_2", "niah_multikey_1", "niah_multivalue"]
+DEMO_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1"]  # short answers: the demo caps generation
 
 
 def run_demo(args) -> int:
@@ -31,6 +31,7 @@ def run_demo(args) -> int:
         model=args.model, methods=["full", args.baseline, method], checkpoints={method: str(gates)},
         budgets=[args.keep], tasks=args.tasks, context_lengths=[args.context], samples=args.samples,
         output=str(out / "eval"), batch_size=args.batch_size, device="cpu", progress=True,
+        max_new_tokens=args.max_new_tokens,
     ))
     print(f"[2/3] evaluation split: {len(args.tasks)} tasks x {args.samples} samples at {args.context} tokens, "
           f"keep ratio {args.keep}")
@@ -63,6 +64,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--tasks", nargs="+", default=DEMO_TASKS)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="cap on generated tokens (the answers are short numbers)")
     p.add_argument("--train-steps", type=int, default=3)
     p.add_argument("--output", default="demo_output")
     p.set_defaults(func=run_demo)
