@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=11, help="TRAIN-split data seed")
     p.add_argument("--device", default=None)
     p.add_argument("--report-context", type=int, default=1024)
+    p.add_argument("--power", type=float, default=1.0,
+                   help="write keep_fraction ** power as the weights (1: proportional; < 1 flattens toward uniform)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = trainkv.load_tokenizer(args.model)
@@ -504,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                        trainkv.EvictionConfig.from_dict(base_eviction))
     batches = _train_batches(tok, args.samples, args.seq_len, args.context_tokens, args.seed, args.batch_size)
     weights = measure_allocation(model, batches)
+    if args.power != 1.0:
+        weights = [[max(w ** args.power, 1e-6) for w in row] for row in weights]
+        model.trainkv_state.eviction = model.trainkv_state.eviction.replace(allocation_weights=weights)
     trainkv.save_gated(model, args.output)
     write_allocation_artifacts(args.output)
     print(f"layer_budget: measured on {args.samples} TRAIN-split samples; per-layer weights "
