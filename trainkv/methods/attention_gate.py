@@ -49,6 +49,15 @@ class AttentionGateConfig(MethodConfig):
     train_sink_tokens: int | None = None
     train_recent_window: int | None = None
     loss: str = "kl"  # "kl" (self-distillation), "lm", or "kl+lm"
+    # "token": KL averaged over all loss tokens of the batch; "row": per row first, then over rows (so a
+    # prose row with thousands of loss tokens weighs as much as a task answer of ten)
+    kl_reduction: str = "token"
+
+    def __post_init__(self):
+        if self.loss not in ("kl", "lm", "kl+lm"):
+            raise ValueError(f"attention_gate loss must be 'kl', 'lm' or 'kl+lm', got {self.loss!r}")
+        if self.kl_reduction not in ("token", "row"):
+            raise ValueError(f"attention_gate kl_reduction must be 'token' or 'row', got {self.kl_reduction!r}")
 
 
 def window_attention(q, k, v, valid: torch.Tensor, window: int) -> torch.Tensor:
@@ -178,12 +187,11 @@ class AttentionGate(EvictionMethod):
             mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # position t predicts label t+1
         if "attention_mask" in batch:
             mask = mask & batch["attention_mask"].bool()
-        denom = mask.sum().clamp(min=1)
         logs: dict[str, float] = {}
         loss = student.new_zeros(())
         if use_kl:
             kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
-            kl = (kl * mask).sum() / denom
+            kl = reduce_kl(kl, mask, cfg.kl_reduction)
             loss = loss + kl
             logs["kl"] = kl.item()
         if "lm" in cfg.loss and labels is not None:
@@ -199,6 +207,18 @@ class AttentionGate(EvictionMethod):
         for g in gates:
             g.last_logits = None
         return loss, logs
+
+
+def reduce_kl(kl: torch.Tensor, mask: torch.Tensor, reduction: str = "token") -> torch.Tensor:
+    """Mean of per-position KL ``[B, T]`` over the loss positions: over all of them ("token") or per row then
+    over the rows that have any ("row")."""
+    if reduction == "token":
+        return (kl * mask).sum() / mask.sum().clamp(min=1)
+    if reduction != "row":
+        raise ValueError(f"kl_reduction must be 'token' or 'row', got {reduction!r}")
+    per_row = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
+    has = mask.any(1)
+    return per_row[has].mean() if bool(has.any()) else per_row.sum() * 0
 
 
 def target_keep(cfg: AttentionGateConfig, progress: float) -> float:

@@ -87,6 +87,9 @@ class DataConfig:
     tasks: synthetic task names for the builtin source (null = every task the generators offer).
     context_tokens: target context length(s) of synthetic samples (null = fit ``seq_len``).
     prose: builtin cpt only: also pack the TRAIN half of the local prose.
+    prose_blocks: builtin sft only: add this many windows of the TRAIN-half prose (random offsets, seeded),
+        ``prose_block_tokens`` tokens each (default ``seq_len``), with the loss on every token; mixes
+        natural-text distillation into answer-only SFT (0 = none).
     subset / split: dataset configuration name and split (``eval`` is never allowed: it is the
         held-out evaluation split of the synthetic tasks).
     text_field / messages_field: column names for cpt text and sft chat messages. sft also accepts
@@ -104,6 +107,8 @@ class DataConfig:
     tasks: list[str] | None = None
     context_tokens: list[int] | None = None
     prose: bool = True
+    prose_blocks: int = 0
+    prose_block_tokens: int | None = None
     subset: str | None = None
     split: str = "train"
     text_field: str = "text"
@@ -130,6 +135,14 @@ class DataConfig:
                 self.context_tokens = [self.context_tokens]
             for n in self.context_tokens:
                 _positive("data.context_tokens", n)
+        if self.prose_blocks < 0:
+            raise ConfigError(f"data.prose_blocks must be >= 0, got {self.prose_blocks}")
+        if self.prose_blocks and (self.format != "sft" or not self.source.startswith("builtin")):
+            raise ConfigError("data.prose_blocks mixes prose into builtin sft data; with format=cpt use data.prose=true")
+        if self.prose_block_tokens is not None:
+            _positive("data.prose_block_tokens", self.prose_block_tokens)
+            if self.prose_block_tokens > self.seq_len:
+                raise ConfigError(f"data.prose_block_tokens={self.prose_block_tokens} exceeds data.seq_len={self.seq_len}")
         if not self.source:
             raise ConfigError("data.source is empty: use 'builtin', a Hub dataset name or local files")
 

@@ -134,6 +134,18 @@ def _builtin_rows(cfg: DataConfig, tokenizer, seed: int) -> list[dict]:
     return rows
 
 
+def prose_windows(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens of the TRAIN-half prose at seeded random offsets (sft mixing)."""
+    from trainkv.data.haystack import prose_text
+
+    _check_train_split(TRAIN_SPLIT)
+    ids = _encode(tokenizer, [prose_text(TRAIN_SPLIT)])[0]
+    if len(ids) <= length:
+        raise ConfigError(f"data.prose_block_tokens={length}: the TRAIN prose holds only {len(ids)} tokens")
+    starts = np.random.default_rng([seed, 7919]).integers(0, len(ids) - length, size=n)
+    return [ids[int(s) : int(s) + length] for s in starts]
+
+
 def _local_files(source: str) -> list[str] | None:
     path = Path(source)
     if path.is_dir():
@@ -383,6 +395,15 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
         ds = TokenRows(out["input_ids"], out["labels"])
     else:
         ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
+    if cfg.prose_blocks:
+        blocks = prose_windows(tokenizer, cfg.prose_blocks, cfg.prose_block_tokens or cfg.seq_len, data_seed)
+        if isinstance(ds, TokenRows):
+            ds = TokenRows(ds["input_ids"] + blocks, ds["labels"] + [list(b) for b in blocks])
+        else:
+            import datasets
+
+            extra = datasets.Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
+            ds = datasets.concatenate_datasets([ds, extra.cast(ds.features)])
     if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
         logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
                        len(raw) - len(ds), len(raw), cfg.seq_len)
