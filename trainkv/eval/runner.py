@@ -40,6 +40,7 @@ templates, vocabularies and haystack text are disjoint from these).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -162,7 +163,30 @@ class MethodSpec:
         return self.method == FULL
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "method": self.method, "overrides": dict(self.overrides), "checkpoint": self.checkpoint}
+        out = {"label": self.label, "method": self.method, "overrides": dict(self.overrides), "checkpoint": self.checkpoint}
+        if self.checkpoint is not None:
+            # the weights, not the path, identify a trained method: a run made with other weights at the same
+            # path must not count as done (resume) or be reported under these
+            out["weights_sha256"] = checkpoint_digest(self.checkpoint)
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def checkpoint_digest(checkpoint: str) -> str | None:
+    """First 16 hex digits of the sha256 of a local checkpoint's ``model.safetensors`` (None for Hub ids / aliases)."""
+    weights = Path(checkpoint) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    st = weights.stat()
+    return _file_digest(str(weights), st.st_size, st.st_mtime)
 
 
 def _parse_value(text: str) -> Any:

@@ -382,7 +382,7 @@ def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, t
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             if save_gated is not None:
-                save_gated(unwrapped, tmp)
+                save_gated(unwrapped, tmp, card_name=str(final_dir))
             else:
                 from safetensors.torch import save_file
 
