@@ -36,6 +36,22 @@ def llama31_8b_random(device: str = "cuda", dtype=torch.bfloat16, max_positions:
     return model.eval()
 
 
+SMOKE = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def bench_model(smoke: bool = False, max_positions: int = 131072):
+    """The 8B stand-in on CUDA, or (``smoke``) a tiny random Llama on the CPU to check a benchmark runs."""
+    if not smoke:
+        return llama31_8b_random(max_positions=max_positions)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOKE, max_position_embeddings=max_positions)).eval()
+    model.config.trainkv_base_model = "tiny random Llama (smoke check, CPU)"
+    return model
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import trainkv
+from gate_reference import PAD, REFERENCE, compute, fixed_hidden, load_checkpoint_gates, runtime_scores, valid_mask
+from trainkv.methods import gate_runtime
 from trainkv.methods.attention_gate import AttentionGate, gated_chunk_attention, target_keep, window_attention
+from trainkv.methods.window_attention import window_mask
 
 CHUNK, SINKS, WINDOW = 16, 2, 8
 
@@ -56,6 +59,99 @@ def test_window_attention_matches_masked_sdpa():
     mask = (band[None] & valid[:, None, :]) | torch.eye(30, dtype=torch.bool)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n,c,window", [(30, 30, 7), (30, 5, 7), (30, 1, 7), (100, 37, 8), (64, 64, 64), (10, 10, 64),
+                                         (200, 150, 16), (5, 1, 64), (70, 3, 64), (130, 65, 64)])
+def test_window_attention_blocks_and_short_chunks_match_masked_sdpa(n, c, window):
+    """Both code paths (c <= W: one banded SDPA; c > W: blocks of W over [previous, own] block), with padding."""
+    torch.manual_seed(n + c)
+    q, k, v = torch.randn(2, 2, c, 8), torch.randn(2, 2, n, 8), torch.randn(2, 2, n, 8)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, :5] = False
+    valid[1, n // 2] = False
+    i = torch.arange(n - c, n)[:, None]
+    j = torch.arange(n)[None, :]
+    for vv in (valid, None):
+        keep = vv if vv is not None else torch.ones(2, n, dtype=torch.bool)
+        mask = ((j <= i) & (j > i - window))[None] & keep[:, None, :] | (j == i)[None]
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        assert (window_attention(q, k, v, vv, window) - ref).abs().max() < 1e-5
+
+
+def test_checkpoint_scores_match_the_pre_issue8_reference():
+    """The committed SmolLM2 gates give the scores the code before the run-time rewrite gave (fixed input)."""
+    from safetensors.torch import load_file
+
+    reference = load_file(REFERENCE)
+    now = compute()
+    for name in ("whole", "chunked"):
+        assert (now[name] - reference[name]).abs().max() < 1e-4, name
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 65, 200])
+def test_runtime_chunks_of_any_size_equal_the_whole_sequence_gate(chunk):
+    """Ring buffer + masks for every chunk size (decoding steps, short chunks, blocks), and with left padding:
+    a padded row scores its real tokens as the unpadded sequence would."""
+    gates = load_checkpoint_gates()
+    hidden, valid = fixed_hidden(gates[0].hidden_size), valid_mask()
+    with torch.no_grad():
+        for gate in (gates[0], gates[-1]):
+            scores = runtime_scores(gate, hidden, valid, chunk)
+            assert (scores[0] - gate.gate_logits(hidden[:1])[0]).abs().max() < 1e-4
+            assert (scores[1, :, PAD:] - gate.gate_logits(hidden[1:, PAD:])[0]).abs().max() < 1e-4
+
+
+def test_runtime_gate_needs_no_mask_once_its_window_is_real_tokens():
+    from types import SimpleNamespace
+
+    from trainkv.methods.base import ScoreContext
+
+    gate = load_checkpoint_gates()[0]
+    hidden, w = fixed_hidden(gate.hidden_size), gate.config.gate_window
+    layer = SimpleNamespace(owner=SimpleNamespace(pending_valid=None), state={})
+    with torch.no_grad():
+        for s in range(0, w + 16, 16):
+            gate.new_token_scores(ScoreContext(None, layer, hidden[:, s:s + 16], None, 1.0, False))
+            assert (layer.state["gate_valid"] is None) == (s + 16 >= w)
+    assert window_mask(1, w, None, hidden.device) is None  # a decoding step over a full window: plain SDPA
+    assert window_mask(256, w, None, hidden.device) is window_mask(256, w, None, hidden.device)  # cached
+
+
+@pytest.fixture
+def restore_gate_runtime():
+    yield
+    gate_runtime.configure(compile=None, compile_on_cpu=False, backend="inductor", mode=None, dynamic=False)
+
+
+def _runtime_scores_with(**options):
+    gate_runtime.configure(**options)
+    gate = load_checkpoint_gates()[3]
+    with torch.no_grad():
+        return runtime_scores(gate, fixed_hidden(gate.hidden_size), valid_mask(), 48)
+
+
+def test_compiled_gate_equals_eager(restore_gate_runtime):
+    eager = _runtime_scores_with(compile=False)
+    traced = _runtime_scores_with(compile=True, compile_on_cpu=True, backend="eager")  # dynamo graph capture, no codegen
+    assert gate_runtime.compile_status()["compiled"]
+    assert (traced - eager).abs().max() < 1e-5
+
+
+def test_compile_failure_falls_back_to_eager(restore_gate_runtime):
+    eager = _runtime_scores_with(compile=False)
+    with pytest.warns(RuntimeWarning, match="compiling the Attention-Gate failed"):
+        fallback = _runtime_scores_with(compile=True, compile_on_cpu=True, backend="no_such_backend")
+    assert gate_runtime.compile_status()["failure"]
+    assert torch.equal(fallback, eager)
+
+
+def test_compile_is_off_on_cpu_unless_asked(restore_gate_runtime, monkeypatch):
+    monkeypatch.setenv(gate_runtime.ENV_VAR, "1")
+    opts = gate_runtime.configure(compile=None)
+    assert opts.compile_enabled(torch.device("cuda")) and not opts.compile_enabled(torch.device("cpu"))
+    monkeypatch.setenv(gate_runtime.ENV_VAR, "0")
+    assert not opts.compile_enabled(torch.device("cuda"))
 
 
 def test_runtime_gate_scores_equal_whole_sequence_gate():

@@ -8,6 +8,8 @@ training attention.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -15,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .methods.base import ScoreContext
+from .profiling import EVICT, SCORE, scope
 
 ATTN_NAME = "trainkv"
 
@@ -46,6 +49,12 @@ def stored_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor
     return out.reshape(b, hq, c, -1)
 
 
+@functools.lru_cache(maxsize=256)
+def _budget_tensor(budgets: tuple[int, ...]) -> torch.Tensor:
+    """Per-head budgets as a CPU tensor, built once per distinct tuple (read-only: never modified in place)."""
+    return torch.tensor(budgets)
+
+
 def _should_evict(layer, config, budgets: torch.Tensor) -> bool:
     if not layer.owner.eviction_enabled:
         return False
@@ -55,9 +64,14 @@ def _should_evict(layer, config, budgets: torch.Tensor) -> bool:
         return False
     if config.mode == "threshold":
         return True
+    held = layer.held_counts()  # per KV head, known on the host unless padding made rows differ: no device sync
     if config.head_allocation == "adaptive":  # Ada-KV: the layer's total is the budget, split anew at each eviction
+        if held is not None:
+            return sum(held) > sum(budgets.tolist())
         return bool((layer.kept_counts().sum(-1) > int(budgets.sum())).any())
     # Per-head budgets differ: evict as soon as any head holds more than its own budget.
+    if held is not None:
+        return any(n > b for n, b in zip(held, budgets.tolist()))  # budgets live on the CPU
     return bool((layer.kept_counts() > budgets.to(layer.device)).any())
 
 
@@ -76,11 +90,11 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
 
     config = layer.owner.config
     out = stored_attention(query, layer, scaling)
-    budgets = torch.tensor(config.budget_for(layer.layer_idx, layer.keys.shape[1], layer.seen))
+    budgets = _budget_tensor(tuple(config.budget_for(layer.layer_idx, layer.keys.shape[1], layer.seen)))
     will_evict = _should_evict(layer, config, budgets)
     if method is not None:
         ctx = ScoreContext(module, layer, hidden_states, query, scaling, will_evict)
-        with torch.no_grad():
+        with torch.no_grad(), scope(SCORE):
             method.update_scores(ctx)
     if will_evict:
         threshold = config.threshold if config.mode == "threshold" else None
@@ -88,7 +102,8 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
             from .allocation import adaptive_head_counts
 
             budgets = adaptive_head_counts(layer, budgets, config)  # [B, H] from the current scores
-        layer.evict(budgets, config.sink_tokens, config.recent_window, threshold)
+        with scope(EVICT):
+            layer.evict(budgets, config.sink_tokens, config.recent_window, threshold)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -13,6 +13,7 @@ slicing), not the number kept.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import EvictionConfig
@@ -35,6 +36,9 @@ class EvictingLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None  # [B, H, L] int64, original token positions (-1: padding)
         self.scores: torch.Tensor | None = None  # [B, H, L] float32, the method's keep-scores
         self.state: dict = {}  # method-specific running state (e.g. a query buffer)
+        # Host-side entries held per KV head (same in every row), recorded with the validity tensor they
+        # describe: lets eviction with ragged heads run without reading counts back from the device.
+        self._held: tuple[torch.Tensor, list[int]] | None = None
 
     # --- transformers CacheLayerMixin API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -61,14 +65,16 @@ class EvictingLayer(CacheLayerMixin):
         if new_valid is not None:
             # Padding gets position -1, so no score computed by position (causality) sees a pad query attend.
             pos = pos.masked_fill(~new_valid[:, None, :], -1)
+        held = self.held_counts()
         if new_valid is not None or self.valid is not None:
             old = self.valid if self.valid is not None else self._all_valid(self.keys.shape[-2])
             new = new_valid[:, None, :].expand(b, h, c) if new_valid is not None else self._all_valid(c)
             self.valid = torch.cat([old, new], dim=-1)
+            self._held = (self.valid, [n + c for n in held]) if held is not None and new_valid is None else None
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, pos], dim=-1)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros((b, h, c))], dim=-1)
+        self.scores = F.pad(self.scores, (0, c))  # new entries score 0 until the method scores them
         self.seen += c
         self.new_tokens = c
         return self.keys, self.values
@@ -100,6 +106,7 @@ class EvictingLayer(CacheLayerMixin):
     def _select_batch(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
+        held = self.held_counts()  # the same for every row, so any row selection keeps it
         for name in ("keys", "values", "positions", "scores", "valid"):
             t = getattr(self, name)
             if t is not None:
@@ -107,6 +114,7 @@ class EvictingLayer(CacheLayerMixin):
         for key, t in list(self.state.items()):
             if torch.is_tensor(t) and t.dim() > 0:
                 self.state[key] = t.index_select(0, index.to(t.device))
+        self._held = (self.valid, held) if held is not None and self.valid is not None else None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -133,49 +141,88 @@ class EvictingLayer(CacheLayerMixin):
 
     def protected_mask(self, sink_tokens: int, recent_window: int) -> torch.Tensor:
         """Sink tokens (position < sink_tokens) and the `recent_window` most recent positions of each row."""
-        valid = self.valid_mask()
-        current = self.positions.masked_fill(~valid, -1).amax(dim=-1, keepdim=True)
-        recent = self.positions > current - recent_window
-        return valid & ((self.positions < sink_tokens) | recent)
+        positions = self.positions if self.valid is None else self.positions.masked_fill(~self.valid, -1)
+        current = positions.amax(dim=-1, keepdim=True)
+        protected = (self.positions < sink_tokens) | (self.positions > current - recent_window)
+        return protected if self.valid is None else protected & self.valid
 
     def kept_counts(self) -> torch.Tensor:
         """Entries held per (row, KV head): ``[B, H]``."""
         return self.valid_mask().sum(-1)
+
+    def held_counts(self) -> list[int] | None:
+        """Entries held per KV head, the same in every row, when known on the host (no device sync): always
+        when every entry is valid, and after evictions that left heads ragged. None when unknown (padding)."""
+        if not self.is_initialized:
+            return None
+        if self.valid is None:
+            return [self.keys.shape[-2]] * self.keys.shape[1]
+        if self._held is not None and self._held[0] is self.valid:
+            return self._held[1]
+        return None
+
+    def _host_counts(self, budgets: torch.Tensor, threshold: float | None) -> list[int] | None:
+        """Entries each KV head keeps (every row alike), as Python ints, when that needs no device sync: held
+        counts known, budget mode, per-head budgets on the CPU. None otherwise."""
+        held = self.held_counts()
+        if held is None or threshold is not None or budgets.device.type != "cpu" or budgets.dim() > 1:
+            return None
+        limit = budgets.tolist() if budgets.dim() == 1 else [budgets.tolist()] * len(held)  # CPU: no device sync
+        return [min(n, int(x)) for n, x in zip(held, limit)]
 
     def evict(self, budgets: torch.Tensor, sink_tokens: int, recent_window: int, threshold: float | None = None) -> None:
         """Keep, per (row, head), the protected entries plus the best-scored ones, up to ``budgets[h]``
         (``budgets`` ``[H]``, or ``[B, H]`` for per-row counts, e.g. Ada-KV's adaptive split).
 
         In threshold mode only entries scoring above ``threshold`` (or protected) are candidates.
-        Kept entries are gathered into a smaller tensor (time order preserved).
+        Kept entries are gathered into a smaller tensor (time order preserved). In budget mode with CPU
+        budgets and no padding, how many entries each head holds and keeps is known on the host and the
+        eviction runs without a device sync.
         """
         if not self.is_initialized or self.keys.shape[-2] == 0:
             return
         b, h, length = self.scores.shape
-        valid = self.valid_mask()
         protected = self.protected_mask(sink_tokens, recent_window)
-        priority = self.scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-        limit = budgets.to(self.device)
-        limit = limit.view(1, h).expand(b, h) if limit.dim() <= 1 else limit.view(b, h)  # [H] or per-row [B, H]
-        if threshold is not None:
-            candidates = protected | (valid & (self.scores > threshold))
-            count = torch.minimum(candidates.sum(-1), limit)
+        priority = self.scores.masked_fill(protected, float("inf"))
+        if self.valid is not None:
+            priority = priority.masked_fill(~self.valid, float("-inf"))
+        host = self._host_counts(budgets, threshold)
+        if host is not None:
+            keep_len = max(host)
+            uniform = all(x == keep_len for x in host)
+            if keep_len == length and uniform:
+                return  # nothing to drop
+            count = None if uniform else torch.tensor(host, device=self.device).view(1, h)
         else:
-            count = torch.minimum(valid.sum(-1), limit)
-        keep_len = int(count.max())
-        if keep_len == length and bool((count == length).all()):
-            return  # nothing to drop
+            valid = self.valid_mask()
+            limit = budgets.to(self.device)
+            limit = limit.view(1, h).expand(b, h) if limit.dim() <= 1 else limit.view(b, h)  # [H] or per-row [B, H]
+            if threshold is not None:
+                candidates = protected | (valid & (self.scores > threshold))
+                count = torch.minimum(candidates.sum(-1), limit)
+            else:
+                count = torch.minimum(valid.sum(-1), limit)
+            keep_len = int(count.max())
+            if keep_len == length and bool((count == length).all()):
+                return  # nothing to drop
+            uniform = False
         top = priority.topk(keep_len, dim=-1, sorted=True).indices  # best first
-        keep = torch.arange(keep_len, device=self.device) < count[..., None]
-        index = top.masked_fill(~keep, length).sort(dim=-1).values  # time order; dropped slots last
-        kept = index < length
-        index = index.clamp(max=length - 1)
+        if uniform:  # every (row, head) keeps keep_len entries: no dropped slots
+            index = top.sort(dim=-1).values  # time order
+            kept_all = True
+        else:
+            keep = torch.arange(keep_len, device=self.device) < count[..., None]
+            index = top.masked_fill(~keep, length).sort(dim=-1).values  # time order; dropped slots last
+            kept = index < length
+            index = index.clamp(max=length - 1)
+            kept_all = host is None and bool(kept.all())
         gather = index[..., None]
         self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
         self.positions = self.positions.gather(2, index)
         self.scores = self.scores.gather(2, index)
-        self.valid = None if bool(kept.all()) else kept
+        self.valid = None if kept_all else kept
+        self._held = (kept, host) if host is not None and not kept_all else None
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: keys+values, and the bookkeeping (positions, scores, validity)."""

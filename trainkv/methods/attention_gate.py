@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import EvictionMethod, MethodConfig, ScoreContext
+from .gate_runtime import gate_scores, run_gate
+from .window_attention import window_attention, window_mask
 
 
 @dataclass
@@ -60,23 +62,6 @@ class AttentionGateConfig(MethodConfig):
             raise ValueError(f"attention_gate kl_reduction must be 'token' or 'row', got {self.kl_reduction!r}")
 
 
-def window_attention(q, k, v, valid: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal sliding-window attention for the last ``c`` of ``n`` tokens, in O(c * window).
-
-    q ``[B, h, c, d]`` are the queries of the last c tokens; k, v ``[B, h, n, d]`` all n tokens; valid
-    ``[B, n]`` marks real (non-padding) tokens. Query i sees keys (i - window, i]; itself always.
-    """
-    b, h, c, d = q.shape
-    n = k.shape[2]
-    kw = F.pad(k, (0, 0, window - 1, 0)).unfold(2, window, 1)[:, :, n - c :]  # [B, h, c, d, W]
-    vw = F.pad(v, (0, 0, window - 1, 0)).unfold(2, window, 1)[:, :, n - c :]
-    ok = F.pad(valid, (window - 1, 0), value=False).unfold(1, window, 1)[:, n - c :].clone()  # [B, c, W]
-    ok[..., -1] = True
-    scores = torch.einsum("bhcd,bhcdw->bhcw", q, kw).float() * d**-0.5
-    probs = torch.softmax(scores.masked_fill(~ok[:, None], float("-inf")), dim=-1).to(v.dtype)
-    return torch.einsum("bhcw,bhcdw->bhcd", probs, vw)
-
-
 class AttentionGate(EvictionMethod):
     """Per-layer gate: a reduced causal sliding-window attention over the layer's input hidden states,
     plus a direct projection, giving one keep-logit per token and KV head."""
@@ -98,38 +83,62 @@ class AttentionGate(EvictionMethod):
         self.last_logits: torch.Tensor | None = None
 
     # --- the gate itself -------------------------------------------------------------------------
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.config.gate_heads, self.config.gate_head_dim).unbind(2)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
+    def input_weight(self) -> torch.Tensor:
+        """q, k, v and direct-path projections stacked into one matrix (one matmul), padded with zero rows to a
+        multiple of 8 so the projected rows (and the queries viewed from them) are 16-byte aligned for the fused
+        SDPA kernels: ``[3*h*d + Hkv + pad, hidden]``."""
+        parts = [self.qkv.weight, self.direct.weight]
+        rows = self.qkv.weight.shape[0] + self.direct.weight.shape[0]
+        if rows % 8:
+            parts.append(self.qkv.weight.new_zeros((8 - rows % 8, self.hidden_size)))
+        return torch.cat(parts)
 
-    def _gate(self, hidden, q, k, v, valid) -> torch.Tensor:
-        ctx = window_attention(q, k, v, valid, self.config.gate_window)
-        b, _, t, _ = ctx.shape
-        ctx = ctx.transpose(1, 2).reshape(b, t, -1)
-        return (self.out(ctx) + self.direct(hidden)).transpose(1, 2)  # [B, Hkv, T]
+    def _scores(self, hidden, ring, mask, runner=gate_scores):
+        cfg = self.config
+        return runner(hidden, self.input_weight(), self.out.weight, self.out.bias, ring, mask,
+                      cfg.gate_heads, cfg.gate_head_dim, cfg.gate_window)
+
+    def empty_ring(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """Gate keys/values ``[B, W, 2, heads, head_dim]`` before the first token: zeros (marked invalid)."""
+        cfg = self.config
+        return like.new_zeros((batch, cfg.gate_window, 2, cfg.gate_heads, cfg.gate_head_dim))
 
     def gate_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Keep-logits ``[B, Hkv, T]`` for a whole sequence (training / analysis)."""
-        q, k, v = self._split(hidden)
-        valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        return self._gate(hidden, q, k, v, valid)
+        b, t, _ = hidden.shape
+        w = self.config.gate_window
+        valid = torch.ones((b, w + t), dtype=torch.bool, device=hidden.device)
+        valid[:, :w] = False
+        mask = window_mask(t, w, valid, hidden.device, hidden.dtype)
+        return self._scores(hidden, self.empty_ring(b, hidden), mask)[0]
 
     # --- runtime --------------------------------------------------------------------------------
     def new_token_scores(self, ctx: ScoreContext) -> torch.Tensor:
+        """Scores of the new tokens; keeps the last ``gate_window`` gate keys/values per layer (a ring buffer,
+        not the context) and, on the host, how many trailing tokens are known valid (then no mask is built)."""
         hidden = ctx.hidden_states
-        q, k, v = self._split(hidden)
-        valid = ctx.layer.owner.pending_valid
-        if valid is None:
-            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        b, c, _ = hidden.shape
+        w = self.config.gate_window
         state = ctx.layer.state
-        if "gate_k" in state:  # the previous window-1 tokens' gate keys/values (a ring buffer, not the context)
-            k = torch.cat([state["gate_k"], k], dim=2)
-            v = torch.cat([state["gate_v"], v], dim=2)
-            valid = torch.cat([state["gate_valid"], valid], dim=1)
-        start = max(0, k.shape[2] - (self.config.gate_window - 1))
-        state["gate_k"], state["gate_v"], state["gate_valid"] = k[:, :, start:], v[:, :, start:], valid[:, start:]
-        return self._gate(hidden, q, k, v, valid)
+        if "gate_ring" not in state:
+            state["gate_ring"] = self.empty_ring(b, hidden)
+            state["gate_valid"] = torch.zeros((b, w), dtype=torch.bool, device=hidden.device)
+            state["gate_clean"] = 0  # trailing ring entries known (on the host) to be real tokens
+        pending = ctx.layer.owner.pending_valid  # None: every new token is real
+        clean = state["gate_clean"]
+        valid = None
+        if clean < w or pending is not None:
+            old = state["gate_valid"]
+            if old is None:
+                old = torch.ones((b, w), dtype=torch.bool, device=hidden.device)
+            new = pending if pending is not None else torch.ones((b, c), dtype=torch.bool, device=hidden.device)
+            valid = torch.cat([old, new], dim=1)  # [B, W + c]
+        mask = window_mask(c, w, valid, hidden.device, hidden.dtype)
+        logits, state["gate_ring"] = self._scores(hidden, state["gate_ring"], mask,
+                                                  runner=lambda *a: run_gate(*a, device=hidden.device))
+        state["gate_clean"] = min(w, clean + c) if pending is None else 0
+        state["gate_valid"] = None if state["gate_clean"] >= w else valid[:, c:]
+        return logits
 
     # --- training ---------------------------------------------------------------------------------
     def attention_without_cache(self, module, query, key, value, attention_mask, scaling, hidden_states=None, **kwargs):
