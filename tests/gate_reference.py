@@ -3,7 +3,8 @@
 The reference file ``tests/data/attention_gate_smollm2_reference.safetensors`` was written by this
 module with the gate code as it was before the run-time rewrite of issue 8 (the unfold window
 attention and separate ``_split``), so the test in test_attention_gate.py pins the new code to the
-old numbers. Regenerate only on purpose:
+old numbers. When the shipped checkpoint was replaced (second training run), the reference was rewritten
+with the old code of commit 7e3dd81 on the new weights. Regenerate only on purpose, with the old code:
 
     python tests/gate_reference.py --write
 
