@@ -22,11 +22,11 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   echo "== $name: rc=$rc, wall $(( $(date +%s) - start )) s (limit $limit s)"
 }
 
-step overhead 200 python3 benchmarks/runtime_scale.py overhead --context 32768 --chunk 4096 --budget 4096 \
+step overhead 170 python3 benchmarks/runtime_scale.py overhead --context 32768 --chunk 4096 --budget 4096 \
   --repeats 3 --profile
-step smollm2 190 python3 benchmarks/runtime_scale.py smollm2 --contexts 8192 32768 131072 --new-tokens 256 \
+step smollm2 150 python3 benchmarks/runtime_scale.py smollm2 --contexts 8192 32768 131072 --new-tokens 256 \
   --budget 1024 --decode-context 32768
-step decode 140 python3 benchmarks/runtime_scale.py decode --context 32768 --budget 2048 --steps 16 \
+step decode 100 python3 benchmarks/runtime_scale.py decode --context 32768 --budget 2048 --steps 16 \
   --generate-context 32768 --generate-tokens 128
 echo "== total wall $(( $(date +%s) - total )) s"
 ls -l "$OUT"
