@@ -566,3 +566,62 @@ def test_deepspeed_zero3_and_zero2_single_process_match_plain_and_cross_resume(t
     assert set(a) == set(b)
     for k in a:  # gathered whole under ZeRO-3: loads in a single-process runtime
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+# --- gradient checkpointing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [{"method": "attention_gate", "init_bias": 0.0},
+                                    {"method": "retaining_head", "hidden": 16}])
+def test_gradient_checkpointing_replays_the_methods_state(tmp_path, method):
+    """The recomputation in backward sees the method's forward state (soft_eviction, _request, ...).
+
+    Without the replay, Attention-Gate's recomputed layers ran without their gates (torch's
+    CheckpointError: a different number of tensors saved) and Locret's heads recorded nothing.
+    """
+    from trainkv.training import train
+
+    runs = []
+    for gc in (False, True):
+        cfg = base_cfg(tmp_path / f"gc{gc}", max_steps=3, method=method, gradient_checkpointing=gc)
+        model = tiny_model()
+        result = train(cfg, model=model)
+        runs.append((result.losses, trainable_state(model), model))
+    (plain_losses, plain_state, _), (gc_losses, gc_state, gc_model) = runs
+    assert gc_losses == pytest.approx(plain_losses, abs=1e-6)
+    assert set(gc_state) == set(plain_state)
+    for name in plain_state:
+        torch.testing.assert_close(gc_state[name], plain_state[name], atol=1e-6, rtol=0, msg=name)
+    assert all(r["grad_norm"] > 0 for r in result.history)  # the gradients reached the method
+    from trainkv import method_modules
+
+    for m in method_modules(gc_model):  # nothing the recomputation wrote outlives it
+        assert getattr(m, "last_logits", None) is None and getattr(m, "last", None) is None
+        assert not getattr(m, "soft_eviction", False) and getattr(m, "_request", None) is None
+
+
+def test_deepspeed_batch_settings_must_match_the_run():
+    """An explicit batch size in the DeepSpeed JSON that disagrees with the trainer's batches is refused by name."""
+    from types import SimpleNamespace
+
+    from trainkv.training import ConfigError
+    from trainkv.training.data import BatchPlan
+    from trainkv.training.trainer import _check_deepspeed_batch
+
+    def acc(**ds):
+        return SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+
+    plan = BatchPlan(batch_size=4, num_processes=2, accumulation=1, process_index=0)
+    _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8), plan)
+    _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto"), plan)
+    with pytest.raises(ConfigError, match=r"train_batch_size.*16.*2 processes x batch 4 x accumulation 1 = 8"):
+        _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=16), plan)
+
+
+def test_shipped_deepspeed_configs_leave_the_batch_to_the_trainer():
+    for stage in (2, 3):
+        ds = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                    "gradient_clipping"):
+            assert ds[key] == "auto", key
