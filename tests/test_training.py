@@ -625,3 +625,29 @@ def test_shipped_deepspeed_configs_leave_the_batch_to_the_trainer():
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                     "gradient_clipping"):
             assert ds[key] == "auto", key
+
+
+def test_deepspeed_bf16_final_export_holds_the_fp32_masters(tmp_path, smol_tokenizer):
+    """Under DeepSpeed with bf16 the modules hold bf16 copies; the exported gates (and LoRA) are the fp32 masters."""
+    ds = pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    _, tok_path = smol_tokenizer
+    data = write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    yml = _recipe_yaml(tmp_path, data, tok_path, extra="report_to: none\nsave_every: 0\n")
+    env = env_for_subprocess()
+    env["PYTHONPATH"] += os.pathsep + str(Path(ds.__file__).parents[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/deepspeed_zero2.yaml"), str(ROOT / "recipes/attention_gate_sft.py"),
+           "--config", str(yml), "max_steps=3", "mixed_precision=bf16", "lr=0.03",
+           "lora={r: 2, alpha: 4, target_modules: [q_proj, v_proj]}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tensors = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    gates = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    lora = {k: v for k, v in tensors.items() if k.startswith("lora.")}
+    assert gates and lora
+    for group in (gates, lora):
+        assert all(v.dtype == torch.float32 for v in group.values())
+        # fp32 masters after a few steps are off the bf16 grid; bf16 copies would not be
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in group.values())

@@ -385,21 +385,50 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _master_tensors(unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], exported: dict) -> dict:
+    """The gathered fp32 masters (``weights``) under the checkpoint's tensor names.
+
+    Under DeepSpeed with bf16 the module's own parameters are bf16 copies; the export keeps what the
+    optimizer holds, as a single-process run does. Method tensors are ``layers.{i}.{name}``, LoRA ones
+    ``lora.{peft name}`` (the parameter's name without the adapter name).
+    """
+    from ..attach import method_modules
+    from ..hub.format import LORA_PREFIX
+
+    by_id = {id(p): n for n, p in named}
+    out = {}
+    for i, module in enumerate(method_modules(unwrapped)):
+        for name, p in module.named_parameters():
+            full = by_id.get(id(p))
+            if full is not None and f"layers.{i}.{name}" in exported:
+                out[f"layers.{i}.{name}"] = weights[full]
+    adapters = list(getattr(unwrapped, "peft_config", None) or {})
+    for full in weights:
+        if _is_lora(full):
+            for adapter in adapters:
+                key = LORA_PREFIX + full.replace(f".{adapter}.", ".")
+                if key in exported:
+                    out[key] = weights[full]
+    return out
+
+
 def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], final_dir: Path,
                   cfg: TrainConfig) -> None:
     """Write the method (+ LoRA) to ``final_dir`` with `trainkv.hub.save_gated`, or a plain safetensors fallback."""
     from ..attach import method_modules
 
     try:
-        from ..hub import save_gated
+        from ..hub.save import to_checkpoint
     except ImportError:
-        save_gated = None
+        to_checkpoint = None
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
     with _gathered(accelerator, [p for _, p in named]):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            if save_gated is not None:
-                save_gated(unwrapped, tmp)
+            if to_checkpoint is not None:  # `trainkv.save_gated`, with the fp32 master values of the trained tensors
+                checkpoint = to_checkpoint(unwrapped, card_name=str(final_dir))
+                checkpoint.tensors.update(_master_tensors(unwrapped, named, weights, checkpoint.tensors))
+                checkpoint.save_pretrained(tmp)
             else:
                 from safetensors.torch import save_file
 
