@@ -13,15 +13,18 @@ Per run and metric key (``--keys``, default ``loss`` plus ``kl`` where every run
 steps both the run and the reference logged: max and mean |difference| to the reference, final values,
 and the difference of the mean over the last ``--window`` steps. The noise it is compared with:
 
-* ``sigma_step``: the reference curve's step-to-step noise, the standard deviation of
-  ``loss[t] - (centered moving average of loss over --window steps)[t]`` (ends excluded). It is the
-  scatter that batch composition alone puts on a single step's loss.
+* ``sigma_step``: the reference curve's step-to-step noise, the robust standard deviation
+  (1.4826 x median absolute deviation) of ``loss[t] - (centered moving average over --window logged
+  steps)[t]`` (ends excluded; robust so that the bends of the curve do not count as noise). It is the
+  scatter that batch composition alone puts on a single step's loss (log every step for it).
 * ``seed_spread`` (with ``--noise-run``): max and mean |difference| between the reference and a run
   of the same recipe with another data-order seed, i.e. what "another equally valid run" looks like.
 
-A run ``matches within noise`` when its max |difference| is at most 3 sigma_step and, when a noise run
-is given, its mean |difference| is below the noise run's mean |difference|. Runs on the same data in
-the same order should sit far inside both.
+A run ``matches within noise`` when its mean |difference| to the reference is below the noise run's
+(it is closer to the reference than an equally valid run on other data), or, without a noise run,
+when its max |difference| is at most 3 sigma_step (``within_3_sigma_step``, reported either way).
+Runs on the same data in the same order should sit far inside both; the gates' hinge loss on the
+keep ratio can make small numerical differences grow late in a run, which the seed criterion tolerates.
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ def step_noise(curve: dict[int, float], window: int) -> float | None:
     values = [curve[s] for s in steps]
     smooth = moving_average(values, window)
     residuals = [v - m for v, m in zip(values, smooth) if m is not None]
-    return statistics.pstdev(residuals) if len(residuals) >= 2 else None
+    if len(residuals) < 2:
+        return None
+    center = statistics.median(residuals)
+    return 1.4826 * statistics.median(abs(r - center) for r in residuals)  # robust std: the curve's bends are outliers
 
 
 def compare(ref: dict[int, float], run: dict[int, float], window: int) -> dict:
@@ -83,11 +89,13 @@ def compare(ref: dict[int, float], run: dict[int, float], window: int) -> dict:
     if not common:
         return {"common_steps": 0}
     diffs = [abs(run[s] - ref[s]) for s in common]
+    rel = [d / abs(ref[s]) for d, s in zip(diffs, common) if ref[s]]
     worst = common[max(range(len(diffs)), key=diffs.__getitem__)]
     tail = common[-window:]
     return {
         "common_steps": len(common), "first_step": common[0], "last_step": common[-1],
         "max_abs_diff": max(diffs), "max_abs_diff_step": worst, "mean_abs_diff": statistics.fmean(diffs),
+        "max_rel_diff": max(rel) if rel else None, "median_rel_diff": statistics.median(rel) if rel else None,
         "final_step": common[-1], "final_value": run[common[-1]], "reference_final_value": ref[common[-1]],
         "final_abs_diff": abs(run[common[-1]] - ref[common[-1]]),
         "tail_mean": statistics.fmean(run[s] for s in tail), "reference_tail_mean": statistics.fmean(ref[s] for s in tail),
@@ -99,9 +107,11 @@ def analyse(runs: list[tuple[str, dict[int, dict]]], noise_run: tuple[str, dict[
             window: int) -> dict:
     ref_label, ref = runs[0]
     result = {"reference": ref_label, "window": window, "keys": {}, "criterion": (
-        "matches within noise: max |diff| <= 3 * sigma_step" + (
-            " and mean |diff| < the noise run's mean |diff|" if noise_run else "")),
-        "sigma_step_definition": f"std of loss[t] - centered {window}-step moving average of the reference curve",
+        "matches within noise: mean |diff| to the reference < the other-data-seed run's mean |diff| to it "
+        "(also reported: max |diff| <= 3 sigma_step)" if noise_run else
+        "matches within noise: max |diff| <= 3 sigma_step (no other-seed run given)"),
+        "sigma_step_definition": f"robust std (1.4826 MAD) of loss[t] - centered {window}-step moving average of the "
+                                 "reference curve",
     }
     for key in keys:
         curves = [(label, {s: r[key] for s, r in recs.items() if isinstance(r.get(key), (int, float))}) for label, recs in runs]
@@ -116,13 +126,18 @@ def analyse(runs: list[tuple[str, dict[int, dict]]], noise_run: tuple[str, dict[
             entry["seed_spread"] = {"label": noise_run[0], **seed}
         for label, curve in curves[1:]:
             c = compare(ref_curve, curve, window)
-            if c["common_steps"] and sigma:
-                c["max_abs_diff_over_sigma_step"] = c["max_abs_diff"] / sigma
-                ok = c["max_abs_diff"] <= 3 * sigma
+            if c["common_steps"]:
+                verdicts = []
+                if sigma:
+                    c["max_abs_diff_over_sigma_step"] = c["max_abs_diff"] / sigma
+                    c["within_3_sigma_step"] = c["max_abs_diff"] <= 3 * sigma
+                    verdicts.append(c["within_3_sigma_step"])
                 if seed and seed.get("common_steps"):
                     c["mean_abs_diff_over_seed_spread"] = c["mean_abs_diff"] / max(seed["mean_abs_diff"], 1e-12)
-                    ok = ok and c["mean_abs_diff"] < seed["mean_abs_diff"]
-                c["matches_within_noise"] = ok
+                    c["below_seed_spread"] = c["mean_abs_diff"] < seed["mean_abs_diff"]
+                    verdicts = [c["below_seed_spread"]]  # the decisive test when another-seed run exists
+                if verdicts:
+                    c["matches_within_noise"] = all(verdicts)
             entry["runs"][label] = c
         result["keys"][key] = entry
     return result
@@ -138,17 +153,18 @@ def markdown(result: dict) -> str:
                      + (f" Seed spread ({entry['seed_spread']['label']}): max |diff| {_fmt(entry['seed_spread'].get('max_abs_diff'))}, "
                         f"mean |diff| {_fmt(entry['seed_spread'].get('mean_abs_diff'))}." if "seed_spread" in entry else ""))
         lines.append("")
-        lines.append("| run | steps | max abs diff (step) | max/sigma | mean abs diff | final | ref final | "
-                     f"last-{result['window']} mean diff | within noise |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        lines.append("| run | steps | max abs diff (step) | max/sigma | mean abs diff | mean/seed spread | final | "
+                     f"ref final | last-{result['window']} mean diff | within noise |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for label, c in entry["runs"].items():
             if not c.get("common_steps"):
-                lines.append(f"| {label} | 0 | - | - | - | - | - | - | - |")
+                lines.append(f"| {label} | 0 | - | - | - | - | - | - | - | - |")
                 continue
             ok = c.get("matches_within_noise")
             lines.append(
                 f"| {label} | {c['first_step']}-{c['last_step']} | {_fmt(c['max_abs_diff'])} ({c['max_abs_diff_step']}) | "
-                f"{_fmt(c.get('max_abs_diff_over_sigma_step'), 2)} | {_fmt(c['mean_abs_diff'])} | {_fmt(c['final_value'])} | "
+                f"{_fmt(c.get('max_abs_diff_over_sigma_step'), 2)} | {_fmt(c['mean_abs_diff'])} | "
+                f"{_fmt(c.get('mean_abs_diff_over_seed_spread'), 2)} | {_fmt(c['final_value'])} | "
                 f"{_fmt(c['reference_final_value'])} | {_fmt(c['tail_mean_abs_diff'])} | "
                 f"{'-' if ok is None else ('yes' if ok else 'NO')} |")
         lines.append("")
@@ -182,6 +198,9 @@ def plot(runs, noise_run, key: str, path: Path, title: str | None) -> None:
             continue
         common = [s for s in steps if s in ref]
         bottom.plot(common, [curve[s] - ref[s] for s in common], label=label, **kw)
+    values = [v for v in ref.values() if isinstance(v, (int, float))]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        top.set_yscale("log")  # the keep-ratio phase starts an order of magnitude above the rest
     bottom.axhline(0.0, color="k", lw=0.6)
     top.set_ylabel(key)
     top.legend(fontsize=8)
@@ -203,6 +222,7 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=9, help="moving-average / tail window in steps (default 9)")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--title", default=None)
+    ap.add_argument("--no-plot", action="store_true", help="tables only (no matplotlib needed)")
     args = ap.parse_args(argv)
     if args.window < 3 or args.window % 2 == 0:
         ap.error("--window must be an odd number >= 3")
@@ -218,9 +238,12 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "loss_match.json").write_text(json.dumps(result, indent=2))
     (out / "loss_match.md").write_text(markdown(result))
-    plot(runs, noise_run, keys[0], out / "loss_curves.png", args.title)
+    written = [out / "loss_match.json", out / "loss_match.md"]
+    if not args.no_plot:
+        plot(runs, noise_run, keys[0], out / "loss_curves.png", args.title)
+        written.insert(0, out / "loss_curves.png")
     print(markdown(result))
-    print(f"wrote {out / 'loss_curves.png'}, {out / 'loss_match.json'}, {out / 'loss_match.md'}")
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def test_verdicts_noise_and_files(tmp_path, plc):
     loss = result["keys"]["loss"]
     assert 0.03 < loss["sigma_step"] < 0.07  # ~ the 0.05 batch noise put on each step
     assert loss["runs"]["2 GPUs"]["matches_within_noise"] is True
+    assert loss["runs"]["2 GPUs"]["within_3_sigma_step"] is True and loss["runs"]["2 GPUs"]["below_seed_spread"] is True
+    assert loss["runs"]["broken"]["within_3_sigma_step"] is False
     assert loss["runs"]["2 GPUs"]["max_abs_diff"] < 0.01
     assert loss["runs"]["broken"]["matches_within_noise"] is False
     assert loss["runs"]["broken"]["max_abs_diff"] == pytest.approx(0.3)
