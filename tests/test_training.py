@@ -559,6 +559,13 @@ def test_deepspeed_zero3_and_zero2_single_process_match_plain_and_cross_resume(t
     z2 = launch(2, tmp_path / "z2", "--resume")
     assert [r["step"] for r in z2] == [3, 4]
     assert [r["loss"] for r in z2] == pytest.approx(ref.losses[2:], abs=1e-5)
+    # and back: the checkpoint written under ZeRO-3 resumes without DeepSpeed (e.g. ZeRO on 2 GPUs -> 1 GPU)
+    (tmp_path / "plain2" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "z2" / "checkpoints" / "checkpoint-00000002",
+                    tmp_path / "plain2" / "checkpoints" / "checkpoint-00000002")
+    back = train(TrainConfig.from_yaml(yml, common + [f"output_dir={tmp_path / 'plain2'}", "resume=true"]))
+    assert [r["step"] for r in back.history] == [3, 4]
+    assert back.losses == pytest.approx(ref.losses[2:], abs=1e-5)
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "z3" / "final" / "model.safetensors"))
