@@ -100,8 +100,12 @@ job z3 200 60 $LAUNCH --config_file configs/accelerate/deepspeed_zero3.yaml --nu
   "${R2[@]}" output_dir=$R/z3 overwrite_output_dir=true
 # 4. ZeRO-3's export in a one-GPU runtime (GPU0); ZeRO-2's step-MID checkpoint resumed on one GPU (GPU1), same
 #    global batch, to the end: its steps MID+1.. must continue the ZeRO-2 curve
-job export_check_z3 90 30 env CUDA_VISIBLE_DEVICES=0 python3 scripts/gpu/check_export.py --checkpoint $R/z3/final \
-  --reference $R/g1/final --output $R/results/export_check_z3.json &
+if [ -f "$R/z3/final/model.safetensors" ]; then
+  job export_check_z3 90 30 env CUDA_VISIBLE_DEVICES=0 python3 scripts/gpu/check_export.py --checkpoint $R/z3/final \
+    --reference $R/g1/final --output $R/results/export_check_z3.json &
+else
+  say "export_check_z3: SKIPPED (no $R/z3/final)"
+fi
 ck=$(printf "%s/z2/checkpoints/checkpoint-%08d" "$R" "$MID")
 if [ -d "$ck" ]; then
   mkdir -p "$R/z2_resume_g1/checkpoints" && cp -r "$ck" "$R/z2_resume_g1/checkpoints/"
