@@ -559,6 +559,13 @@ def test_deepspeed_zero3_and_zero2_single_process_match_plain_and_cross_resume(t
     z2 = launch(2, tmp_path / "z2", "--resume")
     assert [r["step"] for r in z2] == [3, 4]
     assert [r["loss"] for r in z2] == pytest.approx(ref.losses[2:], abs=1e-5)
+    # and back: the checkpoint written under ZeRO-3 resumes without DeepSpeed (e.g. ZeRO on 2 GPUs -> 1 GPU)
+    (tmp_path / "plain2" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "z2" / "checkpoints" / "checkpoint-00000002",
+                    tmp_path / "plain2" / "checkpoints" / "checkpoint-00000002")
+    back = train(TrainConfig.from_yaml(yml, common + [f"output_dir={tmp_path / 'plain2'}", "resume=true"]))
+    assert [r["step"] for r in back.history] == [3, 4]
+    assert back.losses == pytest.approx(ref.losses[2:], abs=1e-5)
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "z3" / "final" / "model.safetensors"))
@@ -566,3 +573,88 @@ def test_deepspeed_zero3_and_zero2_single_process_match_plain_and_cross_resume(t
     assert set(a) == set(b)
     for k in a:  # gathered whole under ZeRO-3: loads in a single-process runtime
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+# --- gradient checkpointing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [{"method": "attention_gate", "init_bias": 0.0},
+                                    {"method": "retaining_head", "hidden": 16}])
+def test_gradient_checkpointing_replays_the_methods_state(tmp_path, method):
+    """The recomputation in backward sees the method's forward state (soft_eviction, _request, ...).
+
+    Without the replay, Attention-Gate's recomputed layers ran without their gates (torch's
+    CheckpointError: a different number of tensors saved) and Locret's heads recorded nothing.
+    """
+    from trainkv.training import train
+
+    runs = []
+    for gc in (False, True):
+        cfg = base_cfg(tmp_path / f"gc{gc}", max_steps=3, method=method, gradient_checkpointing=gc)
+        model = tiny_model()
+        result = train(cfg, model=model)
+        runs.append((result.losses, trainable_state(model), model))
+    (plain_losses, plain_state, _), (gc_losses, gc_state, gc_model) = runs
+    assert gc_losses == pytest.approx(plain_losses, abs=1e-6)
+    assert set(gc_state) == set(plain_state)
+    for name in plain_state:
+        torch.testing.assert_close(gc_state[name], plain_state[name], atol=1e-6, rtol=0, msg=name)
+    assert all(r["grad_norm"] > 0 for r in result.history)  # the gradients reached the method
+    from trainkv import method_modules
+
+    for m in method_modules(gc_model):  # nothing the recomputation wrote outlives it
+        assert getattr(m, "last_logits", None) is None and getattr(m, "last", None) is None
+        assert not getattr(m, "soft_eviction", False) and getattr(m, "_request", None) is None
+
+
+def test_deepspeed_batch_settings_must_match_the_run():
+    """An explicit batch size in the DeepSpeed JSON that disagrees with the trainer's batches is refused by name."""
+    from types import SimpleNamespace
+
+    from trainkv.training import ConfigError
+    from trainkv.training.data import BatchPlan
+    from trainkv.training.trainer import _check_deepspeed_batch
+
+    def acc(**ds):
+        return SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+
+    plan = BatchPlan(batch_size=4, num_processes=2, accumulation=1, process_index=0)
+    _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8), plan)
+    _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto"), plan)
+    with pytest.raises(ConfigError, match=r"train_batch_size.*16.*2 processes x batch 4 x accumulation 1 = 8"):
+        _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=16), plan)
+
+
+def test_shipped_deepspeed_configs_leave_the_batch_to_the_trainer():
+    for stage in (2, 3):
+        ds = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                    "gradient_clipping"):
+            assert ds[key] == "auto", key
+
+
+def test_deepspeed_bf16_final_export_holds_the_fp32_masters(tmp_path, smol_tokenizer):
+    """Under DeepSpeed with bf16 the modules hold bf16 copies; the exported gates (and LoRA) are the fp32 masters."""
+    ds = pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    _, tok_path = smol_tokenizer
+    data = write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    yml = _recipe_yaml(tmp_path, data, tok_path, extra="report_to: none\nsave_every: 0\n")
+    env = env_for_subprocess()
+    env["PYTHONPATH"] += os.pathsep + str(Path(ds.__file__).parents[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/deepspeed_zero2.yaml"), str(ROOT / "recipes/attention_gate_sft.py"),
+           "--config", str(yml), "max_steps=3", "mixed_precision=bf16", "lr=0.03",
+           "lora={r: 2, alpha: 4, target_modules: [q_proj, v_proj]}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tensors = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    gates = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    lora = {k: v for k, v in tensors.items() if k.startswith("lora.")}
+    assert gates and lora
+    for group in (gates, lora):
+        assert all(v.dtype == torch.float32 for v in group.values())
+        # fp32 masters after a few steps are off the bf16 grid; bf16 copies would not be
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in group.values())

@@ -49,6 +49,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import BatchPlan, SampleOrder, build_dataset, get_batch
+from .recompute import enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, device) -> nn.Module:
         settings = dict(cfg.model_config)
         model_type = settings.pop("model_type", "llama")
         config = AutoConfig.for_model(model_type, **settings)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        with torch.device(device):  # initialise on the target device (an 8B random init takes minutes on CPU)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
         digest = hashlib.sha256(json.dumps(cfg.model_config, sort_keys=True).encode()).hexdigest()[:12]
         model.config.trainkv_base_model = f"random-{model_type}-{digest}"
         return model.to(device).eval()
@@ -265,6 +267,21 @@ def _configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
                        ds["gradient_clipping"])
 
 
+def _check_deepspeed_batch(accelerator, plan: BatchPlan) -> None:
+    """DeepSpeed's batch settings (after `prepare` filled the ``auto`` ones) must describe the trainer's batches."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    want = {"train_micro_batch_size_per_gpu": plan.batch_size, "gradient_accumulation_steps": plan.accumulation,
+            "train_batch_size": plan.global_batch}
+    have = {k: ds.get(k) for k in want}
+    wrong = {k: v for k, v in have.items() if v not in ("auto", None) and int(v) != want[k]}
+    if wrong:
+        raise ConfigError(
+            f"the DeepSpeed config's batch settings {have} do not match this run: {accelerator.num_processes} processes x "
+            f"batch {plan.batch_size} x accumulation {plan.accumulation} = {plan.global_batch} sequences per step. "
+            "Leave them \"auto\" in configs/deepspeed/*.json (filled from batch_size / gradient_accumulation_steps)"
+        )
+
+
 @contextlib.contextmanager
 def _zero_init(enabled: bool):
     """Build the model inside DeepSpeed's ``zero.Init`` only when asked.
@@ -368,21 +385,50 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _master_tensors(unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], exported: dict) -> dict:
+    """The gathered fp32 masters (``weights``) under the checkpoint's tensor names.
+
+    Under DeepSpeed with bf16 the module's own parameters are bf16 copies; the export keeps what the
+    optimizer holds, as a single-process run does. Method tensors are ``layers.{i}.{name}``, LoRA ones
+    ``lora.{peft name}`` (the parameter's name without the adapter name).
+    """
+    from ..attach import method_modules
+    from ..hub.format import LORA_PREFIX
+
+    by_id = {id(p): n for n, p in named}
+    out = {}
+    for i, module in enumerate(method_modules(unwrapped)):
+        for name, p in module.named_parameters():
+            full = by_id.get(id(p))
+            if full is not None and f"layers.{i}.{name}" in exported:
+                out[f"layers.{i}.{name}"] = weights[full]
+    adapters = list(getattr(unwrapped, "peft_config", None) or {})
+    for full in weights:
+        if _is_lora(full):
+            for adapter in adapters:
+                key = LORA_PREFIX + full.replace(f".{adapter}.", ".")
+                if key in exported:
+                    out[key] = weights[full]
+    return out
+
+
 def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], final_dir: Path,
                   cfg: TrainConfig) -> None:
     """Write the method (+ LoRA) to ``final_dir`` with `trainkv.hub.save_gated`, or a plain safetensors fallback."""
     from ..attach import method_modules
 
     try:
-        from ..hub import save_gated
+        from ..hub.save import to_checkpoint
     except ImportError:
-        save_gated = None
+        to_checkpoint = None
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
     with _gathered(accelerator, [p for _, p in named]):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            if save_gated is not None:
-                save_gated(unwrapped, tmp, card_name=str(final_dir))
+            if to_checkpoint is not None:  # `trainkv.save_gated`, with the fp32 master values of the trained tensors
+                checkpoint = to_checkpoint(unwrapped, card_name=str(final_dir))
+                checkpoint.tensors.update(_master_tensors(unwrapped, named, weights, checkpoint.tensors))
+                checkpoint.save_pretrained(tmp)
             else:
                 from safetensors.torch import save_file
 
@@ -491,7 +537,11 @@ def train(
     order = SampleOrder(len(dataset), data_seed, cfg.data.shuffle)
 
     # --- model, method, LoRA ---
-    device = torch.device("cpu") if deepspeed else accelerator.device
+    # DeepSpeed places (and under ZeRO-3 partitions) the model itself: a pretrained model is loaded on the CPU
+    # first; a random `model_config` model is built on this process's GPU, where its init takes seconds.
+    device = accelerator.device
+    if deepspeed and (cfg.model_config is None or not on_gpu):
+        device = torch.device("cpu")
     zero_init = _zero_stage(accelerator) == 3 and cfg.model_config is None and bool(
         accelerator.state.deepspeed_plugin.zero3_init_flag)
     with _zero_init(zero_init):
@@ -502,7 +552,7 @@ def train(
     model.config.use_cache = False
     named = setup_trainable(model, cfg, upcast=mixed != "no" and not deepspeed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)  # replays the method's forward state in the recomputation
     model.train()
     if resume_from is not None:
         ckpt.check_names(weights_saved, named, resume_from)
@@ -524,6 +574,8 @@ def train(
         batch_size = int(accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"])
     accumulation = accelerator.gradient_accumulation_steps
     plan = BatchPlan(batch_size, accelerator.num_processes, accumulation, accelerator.process_index)
+    if deepspeed:
+        _check_deepspeed_batch(accelerator, plan)
 
     step, samples_seen = 0, 0
     if saved is not None:
@@ -606,7 +658,7 @@ def train(
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": float(reduced[0]), **{k: float(reduced[i + 1]) for i, k in enumerate(keys)},
                       "lr": lr_used, "tokens_per_s": total_step_tokens / max(elapsed, 1e-9),
-                      "samples_seen": samples_seen}
+                      "step_time_s": elapsed, "samples_seen": samples_seen}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if on_gpu:
@@ -642,6 +694,9 @@ def train(
         checksum = torch.tensor([float(sum(w.double().sum() for w in (p.detach().float() for _, p in named)))],
                                 dtype=torch.float64, device=accelerator.device)
         checksums = [float(x) for x in accelerator.gather(checksum).cpu()]
+        memory = torch.tensor([torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
+                              if on_gpu else [0.0, 0.0], dtype=torch.float64, device=accelerator.device)
+        memory = accelerator.gather(memory).view(-1, 2).cpu().tolist()  # [process][allocated, reserved]
         if not deepspeed and len(set(checksums)) > 1:
             logger.warning("trainable weights differ between processes: %s", checksums)
         if main:
@@ -655,6 +710,8 @@ def train(
                 "replica_checksums": checksums, "weights_sha256": _weights_digest(weights),
                 "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
                 "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+                "max_memory_gib_per_process": [m[0] for m in memory] if on_gpu else None,
+                "max_memory_reserved_gib_per_process": [m[1] for m in memory] if on_gpu else None,
             }
             (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
