@@ -42,7 +42,8 @@ def eval_table(summary: dict, label: str, command: str) -> str:
     head = ("Evaluation split of the synthetic RULER-style tasks (11 tasks x "
             f"{summary.get('samples_per_task')} samples, seed {summary.get('seed')}, chunked prefill "
             f"{summary.get('chunk_size')}, query-agnostic; devices: {', '.join(summary.get('devices', []))}).\n"
-            f"Reproduce: `{command}`\n\n"
+            f"Reproduce (a new output folder, so nothing is reused; on a GPU about 2 min, add `--device cpu` for CPU): `{command}`\n"
+            "The committed runs are `results/smollm2/runs/" + label + "__L*.json` (their `weights_sha256` is this checkpoint's).\n\n"
             "| context tokens | keep ratio | score | full cache | share of full |\n|---|---|---|---|---|\n")
     return head + "\n".join(rows)
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     summary = json.loads(Path(args.results).read_text())
     command = (f"trainkv eval --methods {args.label} --checkpoint {args.label}={dest.as_posix()} --tasks ruler "
                f"--context-lengths {' '.join(map(str, summary.get('context_lengths', [])))} "
-               "--budgets 0.5 0.25 0.125 0.0625 --samples 4 --output results/smollm2")
+               "--budgets 0.5 0.25 0.125 0.0625 --samples 4 --output results/reproduce")
     ckpt = GateCheckpoint.load(args.final)
     ckpt.eval_table = eval_table(summary, args.label, command)
     ckpt.card_name = args.load_name or dest.as_posix()
