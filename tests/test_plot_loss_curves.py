@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_loader import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "plot_loss_curves.py"
 
 
 @pytest.fixture(scope="module")
 def plc():
-    spec = importlib.util.spec_from_file_location("plot_loss_curves", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plot_loss_curves"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("plot_loss_curves")
 
 
 def write_run(path: Path, losses: list[float], start: int = 1) -> Path:
