@@ -175,38 +175,7 @@ class AttentionGate(EvictionMethod):
 
         gates = method_modules(model)
         cfg: AttentionGateConfig = gates[0].config
-        labels = batch.get("labels")
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        use_kl = "kl" in cfg.loss
-        teacher = None
-        if use_kl:
-            for g in gates:
-                g.soft_eviction = False
-            with torch.no_grad():
-                teacher = model(**inputs).logits.float()
-        for g in gates:
-            g.soft_eviction = True
-        try:
-            student = model(**inputs).logits.float()
-        finally:
-            for g in gates:
-                g.soft_eviction = False
-        mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
-        if labels is not None:
-            mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # position t predicts label t+1
-        if "attention_mask" in batch:
-            mask = mask & batch["attention_mask"].bool()
-        logs: dict[str, float] = {}
-        loss = student.new_zeros(())
-        if use_kl:
-            kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
-            kl = reduce_kl(kl, mask, cfg.kl_reduction)
-            loss = loss + kl
-            logs["kl"] = kl.item()
-        if "lm" in cfg.loss and labels is not None:
-            lm = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-            loss = loss + lm
-            logs["lm"] = lm.item()
+        loss, logs = distillation_loss(model, gates, batch, cfg.loss, cfg.kl_reduction)
         _, sinks, window = gates[0].training_semantics()
         keep = keep_fraction([g.last_logits for g in gates], sinks, window)
         target = target_keep(cfg, progress)
@@ -216,6 +185,47 @@ class AttentionGate(EvictionMethod):
         for g in gates:
             g.last_logits = None
         return loss, logs
+
+
+def distillation_loss(model, mods: list, batch: dict, loss: str = "kl", kl_reduction: str = "token"
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Self-distillation of a model with soft eviction (``mods[i].soft_eviction = True``) to itself without it.
+
+    ``loss``: "kl" (KL(teacher || student) on the positions that predict a label, see `reduce_kl`), "lm" (cross
+    entropy on the labels) or "kl+lm". The teacher is the same forward with eviction off, under no_grad.
+    """
+    labels = batch.get("labels")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    teacher = None
+    try:
+        if "kl" in loss:
+            for m in mods:
+                m.soft_eviction = False
+            with torch.no_grad():
+                teacher = model(**inputs).logits.float()
+        for m in mods:
+            m.soft_eviction = True
+        student = model(**inputs).logits.float()
+    finally:
+        for m in mods:
+            m.soft_eviction = False
+    mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
+    if labels is not None:
+        mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # position t predicts label t+1
+    if "attention_mask" in batch:
+        mask = mask & batch["attention_mask"].bool()
+    logs: dict[str, float] = {}
+    total = student.new_zeros(())
+    if teacher is not None:
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+        kl = reduce_kl(kl, mask, kl_reduction)
+        total = total + kl
+        logs["kl"] = kl.item()
+    if "lm" in loss and labels is not None:
+        lm = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        total = total + lm
+        logs["lm"] = lm.item()
+    return total, logs
 
 
 def reduce_kl(kl: torch.Tensor, mask: torch.Tensor, reduction: str = "token") -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_gate import gated_chunk_attention, target_keep
+from .attention_gate import distillation_loss, gated_chunk_attention, target_keep
 from .base import EvictionMethod, MethodConfig, ScoreContext
 
 logger = logging.getLogger(__name__)
@@ -314,42 +314,15 @@ class LayerBudget(EvictionMethod):
         mods = method_modules(model)
         cfg: LayerBudgetConfig = mods[0].config
         _, sinks, window = cfg.mask_settings(mods[0].eviction)
-        labels = batch.get("labels")
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
         real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
         evictable = evictable_mask(real, sinks, window)
-        use_kl = "kl" in cfg.loss
-        teacher = None
         for m in mods:
             m._valid = real
         try:
-            if use_kl:
-                for m in mods:
-                    m.soft_eviction = False
-                with torch.no_grad():
-                    teacher = model(**inputs).logits.float()
-            for m in mods:
-                m.soft_eviction = True
-            student = model(**inputs).logits.float()
+            loss, logs = distillation_loss(model, mods, batch, cfg.loss)
         finally:
             for m in mods:
-                m.soft_eviction = False
                 m._valid = None
-        mask = real.clone()
-        if labels is not None:
-            mask = mask & F.pad(labels[:, 1:] != -100, (0, 1), value=False)
-        denom = mask.sum().clamp(min=1)
-        logs: dict[str, float] = {}
-        loss = student.new_zeros(())
-        if use_kl:
-            kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
-            kl = (kl * mask).sum() / denom
-            loss = loss + kl
-            logs["kl"] = kl.item()
-        if "lm" in cfg.loss and labels is not None:
-            lm = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-            loss = loss + lm
-            logs["lm"] = lm.item()
         per_head = torch.stack([masked_keep(m.last_logits, evictable) for m in mods])  # [L, H], differentiable
         keep = per_head.mean()
         target = target_keep(cfg, progress)
