@@ -260,6 +260,28 @@ def _pyplot():
     return plt
 
 
+def _is_training_free(label: str) -> bool:
+    from trainkv.methods import get_method
+
+    try:
+        return not get_method(label.split(":", 1)[0]).trainable
+    except (KeyError, ValueError):
+        return False  # a --checkpoint name: a trained method
+
+
+def _line_styles(labels) -> dict[str, dict[str, Any]]:
+    """A fixed colour per method (tab20, so 11+ methods stay distinct); trained methods solid, training-free dashed."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab20")
+    return {m: {"color": cmap(i % 20), "linestyle": "--" if _is_training_free(m) else "-",
+                "linewidth": 1.3 if _is_training_free(m) else 2.0} for i, m in enumerate(sorted(labels))}
+
+
+def _legend_outside(fig, ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
 def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     """One panel per context length: score relative to the full cache (%) against the keep ratio (log scale)."""
     plt = _pyplot()
@@ -268,6 +290,7 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     n = max(1, len(lengths))
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.0), squeeze=False, sharey=True)
     top = 110.0
+    styles = _line_styles(summary["methods"])
     for ax, length in zip(axes[0], lengths):
         key = str(length)
         full = summary["full"].get(key)
@@ -279,7 +302,7 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
             ticks.update(c["keep_ratio"] for c in cells)
             pts = [(c["keep_ratio"], c["relative"]) for c in cells if c.get("relative") is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=m, **styles[m])
                 top = max(top, max(p[1] for p in pts) + 10)
         ax.set_xscale("log", base=2)
         if ticks:
@@ -299,12 +322,12 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     for ax in axes[0]:
         ax.set_ylim(-5, top)
     axes[0][0].set_ylabel("score relative to full cache (%)")
-    axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(f"{summary.get('model')}: {len(summary.get('tasks') or [])} tasks x {summary.get('samples_per_task')} "
-                 f"samples, query-agnostic eviction")
+                 f"samples, query-agnostic eviction (solid: trained, dashed: training-free)")
     fig.tight_layout()
+    _legend_outside(fig, axes[0][-1])
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -317,22 +340,24 @@ def plot_quality(summary: dict[str, Any], path: str | Path) -> Path | None:
     lengths = [L for L in summary["context_lengths"] if any(str(L) in v for v in q.values())]
     n = max(1, len(lengths))
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.0), squeeze=False)
+    styles = _line_styles(q)
     for ax, length in zip(axes[0], lengths):
         key = str(length)
         for m, per_len in q.items():
             cells = sorted((c for lbl, c in per_len.get(key, {}).items() if lbl != FULL), key=lambda c: c["keep_ratio"])
             if cells:
-                ax.plot([c["keep_ratio"] for c in cells], [max(c["kl"], 1e-6) for c in cells], marker="o", label=m)
+                ax.plot([c["keep_ratio"] for c in cells], [max(c["kl"], 1e-6) for c in cells], marker="o", markersize=4,
+                        label=m, **styles[m])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("keep ratio")
         ax.set_title(f"{length} tokens")
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("KL(full || evicted), nats/token")
-    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
+    _legend_outside(fig, axes[0][-1])
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
