@@ -410,3 +410,21 @@ def test_kvpress_reference_compare(sweep_dir, tmp_path):
     table = mod.compare_table(tmp_path / "kvpress", tmp_path / "trainkv")
     assert "| full | full |" in table and "| snapkv | r0.25 |" in table and "2/2" in table
     assert mod.budget_entries(0.125, 1024) == 128 and mod.string_match("all", "a 12 b", ["12", "13"]) == 50.0
+
+
+def test_checkpoint_runs_are_keyed_by_weights_not_path(tmp_path):
+    """A checkpoint retrained in place must not reuse (or be reported under) the old weights' cells."""
+    from safetensors.torch import save_file
+
+    from trainkv.eval.runner import checkpoint_digest, parse_method
+
+    ckpt = tmp_path / "gates"
+    ckpt.mkdir()
+    save_file({"w": torch.zeros(4)}, str(ckpt / "model.safetensors"))
+    first = parse_method("mine", {"mine": str(ckpt)}).to_dict()
+    assert first["weights_sha256"] == checkpoint_digest(str(ckpt)) and len(first["weights_sha256"]) == 16
+    save_file({"w": torch.ones(4)}, str(ckpt / "model.safetensors"))
+    second = parse_method("mine", {"mine": str(ckpt)}).to_dict()
+    assert second["checkpoint"] == first["checkpoint"] and second["weights_sha256"] != first["weights_sha256"]
+    assert parse_method("mine", {"mine": "org/some-hub-repo"}).to_dict()["weights_sha256"] is None
+    assert "weights_sha256" not in parse_method("snapkv").to_dict()

@@ -172,7 +172,7 @@ class MethodSpec:
 
 
 @functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime: float) -> str:
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -186,7 +186,7 @@ def checkpoint_digest(checkpoint: str) -> str | None:
     if not weights.is_file():
         return None
     st = weights.stat()
-    return _file_digest(str(weights), st.st_size, st.st_mtime)
+    return _file_digest(str(weights), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _parse_value(text: str) -> Any:
