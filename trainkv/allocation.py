@@ -420,7 +420,7 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             full: bool = True, dtype: str = "float32", device: str | None = None, batch_size: int = 1,
             output: str | None = None, command: str | None = None, progress: bool = True,
             max_new_tokens: int | None = None, task_eval: bool = True, kl_segments: int = 0,
-            kl_chunk_size: int = 64) -> dict:
+            kl_chunk_size: int = 64, learned_adaptive: bool = False) -> dict:
     """Evaluate each allocator with the same scorer and total budget on the evaluation split.
 
     ``scorer``: a training-free method name, or the label of ``checkpoint`` (a trained gate checkpoint,
@@ -431,6 +431,8 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
     samples per task. ``kl_segments`` > 0 also measures, per allocator, the KL divergence to the full cache
     and the perplexity on that many ``context_length``-token segments of the EVAL-split prose
     (`trainkv.eval.quality`, fed in chunks of ``kl_chunk_size``); ``task_eval=False`` skips the tasks.
+    ``learned_adaptive``: also run each learned allocation as layer totals split across the layer's heads by
+    Ada-KV at every eviction (``learned+adakv:<label>``).
     Returns (and writes to ``output``) a JSON-ready record.
     """
     import json
@@ -526,11 +528,13 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             record["xkv_profile"] = {"samples": len(contexts), "transform": profile.transform,
                                      "context_tokens": profile.context_tokens, "split": "train"}
         names = list(allocators) + [f"learned:{label}" for label in weights]
+        if learned_adaptive:
+            names += [f"learned+adakv:{label}" for label in weights]
         settings = []
         for name in names:
-            if name.startswith("learned:"):
+            if name.startswith(("learned:", "learned+adakv:")):
                 budgets_lh = weighted(weights[name.split(":", 1)[1]], entries, floor)
-                overrides = eviction_overrides("weighted", budgets_lh)
+                overrides = eviction_overrides("adakv" if name.startswith("learned+adakv:") else "weighted", budgets_lh)
             else:
                 budgets_lh = allocate(name, entries, num_layers, num_heads, scores=profile, floor=floor)
                 overrides = eviction_overrides(name, budgets_lh)
@@ -538,7 +542,7 @@ def compare(model_name: str = "smollm2-135m", scorer: str = "snapkv", checkpoint
             settings.append((name, overrides, budgets_lh))
         for name, overrides, budgets_lh in settings if task_eval else []:
             entry = run(name, ratio, {**eviction, **overrides}, budgets_lh)
-            if profile is not None and name != "adakv":
+            if profile is not None and "adakv" not in name:
                 entry["xkv_retained_importance"] = profile.retained(budgets_lh, floor)
         if segments:
             from .eval.quality import quality_batch, summarize_quality
@@ -625,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-chunk-size", type=int, default=64)
     p.add_argument("--no-tasks", action="store_true", help="skip the task evaluation (e.g. KL only)")
     p.add_argument("--device", default=None)
+    p.add_argument("--learned-adaptive", action="store_true",
+                   help="also run each --learned allocation as layer totals with Ada-KV's adaptive split across heads")
     p.add_argument("--output", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     learned = dict(item.split("=", 1) for item in args.learned)
@@ -639,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile_samples, args.chunk_size or None, not args.no_full, args.dtype, args.device, args.batch_size,
         args.output, command="python -m trainkv.allocation " + " ".join(shlex.quote(a) for a in argv),
         max_new_tokens=args.max_new_tokens, task_eval=not args.no_tasks, kl_segments=args.kl_segments,
-        kl_chunk_size=args.kl_chunk_size,
+        kl_chunk_size=args.kl_chunk_size, learned_adaptive=args.learned_adaptive,
     )
     print(summary_table(record))
     return 0
