@@ -350,6 +350,11 @@ def plot_quality(summary: dict[str, Any], path: str | Path) -> Path | None:
                         label=m, **styles[m])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ratios = sorted({c["keep_ratio"] for per_len in q.values() for lbl, c in per_len.get(key, {}).items() if lbl != FULL})
+        if ratios:
+            ax.set_xticks(ratios)
+            ax.set_xticklabels([budget_title({"spec": float(r)}) for r in ratios])
+            ax.minorticks_off()
         ax.set_xlabel("keep ratio")
         ax.set_title(f"{length} tokens")
         ax.grid(True, alpha=0.3)
