@@ -142,15 +142,16 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 def markdown(summary: dict[str, Any], title: str = "trainkv evaluation") -> str:
     lines = [f"# {title}", ""]
     tasks = summary.get("tasks") or []
-    lines.append(
-        f"Model `{summary.get('model')}`; tasks: {', '.join(tasks)}; {summary.get('samples_per_task')} samples per task "
-        f"(split `{summary.get('split', 'eval')}`, seed {summary.get('seed')}); dtype {summary.get('dtype')}; "
-        f"prefill chunk {summary.get('chunk_size') or 'whole context'}; device(s): {', '.join(summary.get('devices') or [])}."
-    )
-    lines.append("")
-    lines.append("Cells: mean RULER string-match score (0-100) over all samples, and in parentheses its share of the "
-                 "full-cache score at the same context length. Columns are keep ratios (budget = ratio x context "
-                 "length entries per layer and KV head).")
+    if tasks or summary["full"] or summary["methods"]:  # a KL-only folder has no task runs to describe
+        lines.append(
+            f"Model `{summary.get('model')}`; tasks: {', '.join(tasks)}; {summary.get('samples_per_task')} samples per task "
+            f"(split `{summary.get('split', 'eval')}`, seed {summary.get('seed')}); dtype {summary.get('dtype')}; "
+            f"prefill chunk {summary.get('chunk_size') or 'whole context'}; device(s): {', '.join(summary.get('devices') or [])}."
+        )
+        lines.append("")
+        lines.append("Cells: mean RULER string-match score (0-100) over all samples, and in parentheses its share of the "
+                     "full-cache score at the same context length. Columns are keep ratios (budget = ratio x context "
+                     "length entries per layer and KV head).")
     budgets = summary["budgets"]
     for length in summary["context_lengths"]:
         key = str(length)
