@@ -395,6 +395,9 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
         ds = TokenRows(out["input_ids"], out["labels"])
     else:
         ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
+    if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
+        logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
+                       len(raw) - len(ds), len(raw), cfg.seq_len)
     if cfg.prose_blocks:
         blocks = prose_windows(tokenizer, cfg.prose_blocks, cfg.prose_block_tokens or cfg.seq_len, data_seed)
         if isinstance(ds, TokenRows):
@@ -404,9 +407,6 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
 
             extra = datasets.Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
             ds = datasets.concatenate_datasets([ds, extra.cast(ds.features)])
-    if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
-        logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
-                       len(raw) - len(ds), len(raw), cfg.seq_len)
     if len(ds) == 0:
         raise ConfigError(
             f"data: no training sequence left from {cfg.source!r} (format={cfg.format}, seq_len={cfg.seq_len}); "
