@@ -173,11 +173,9 @@ class MethodSpec:
 
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from trainkv.hub.format import file_sha256
+
+    return file_sha256(Path(path))[:16]
 
 
 def checkpoint_digest(checkpoint: str) -> str | None:

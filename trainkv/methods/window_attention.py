@@ -28,12 +28,11 @@ def band_mask(queries: int, keys: int, window: int, device: torch.device) -> tor
     """``[queries, keys]`` bool: the last ``queries`` of ``keys`` positions, each seeing ``(i - window, i]``.
 
     None when every entry is True (one query over at most ``window`` keys)."""
-    qpos = torch.arange(keys - queries, keys, device=device)[:, None]
-    kpos = torch.arange(keys, device=device)[None, :]
-    mask = (kpos <= qpos) & (kpos > qpos - window)
     if queries == 1 and keys <= window:
         return None
-    return mask
+    qpos = torch.arange(keys - queries, keys, device=device)[:, None]
+    kpos = torch.arange(keys, device=device)[None, :]
+    return (kpos <= qpos) & (kpos > qpos - window)
 
 
 @functools.lru_cache(maxsize=16)
