@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     ckpt.card_name = args.load_name or dest.as_posix()
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.save_pretrained(tmp)
+    ckpt.save_pretrained(tmp)  # writes the card; then the source's weight and config files, byte for byte:
+    for name in ("model.safetensors", "config.json"):  # re-serialising changes the file's sha256 (safetensors
+        shutil.copyfile(Path(args.final) / name, tmp / name)  # writes its metadata map in no fixed order)
     shutil.copyfile(args.train_config, tmp / "training_config.yaml")
     if args.train_summary:
         shutil.copyfile(args.train_summary, tmp / "train_summary.json")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         os.replace(dest, old)
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
-    print(f"shipped {args.final} -> {dest} (weights sha256 {ckpt.config.get('weights_sha256', '?')[:16]})")
+    print(f"shipped {args.final} -> {dest} (weights sha256 {json.loads((dest / 'config.json').read_text())['weights_sha256'][:16]})")
     return 0
 
 
