@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,6 +302,7 @@ def test_checkpoint_methods_load_through_hub(tok, model, tmp_path, monkeypatch):
         return trainkv.attach(model, "tova", trainkv.EvictionConfig(**overrides))
 
     monkeypatch.setattr(trainkv.hub, "load_gated", fake_load_gated)
+    monkeypatch.setattr(Sweep, "method_recent", lambda self, spec, entries: None)  # no checkpoint to read
     cfg = _config(tmp_path, methods=["gate"], checkpoints={"gate": "ckpt/dir"}, budgets=[0.25], tasks=["niah_single_1"])
     Sweep(cfg, model=model, tokenizer=tok).run()
     assert seen["path"] == "ckpt/dir"
@@ -308,6 +310,28 @@ def test_checkpoint_methods_load_through_hub(tok, model, tmp_path, monkeypatch):
     assert rec["config"]["method"]["checkpoint"] == "ckpt/dir"
     assert rec["config"]["method_config"]["method"]["method"] == "tova"
     assert not hasattr(model, "trainkv_state")  # detached again
+
+
+def test_checkpoint_stabilizers_set_the_recent_window(tok, model, tmp_path):
+    """Locret's stabilizers (a fraction of the budget) come from the checkpoint's config unless --recent-window."""
+    import shutil
+
+    ckpt = tmp_path / "heads"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m" / "retaining_head", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["method"]["stabilizers"] = 0.5
+    (ckpt / "config.json").write_text(json.dumps(config))
+    cfg = _config(tmp_path / "out", methods=["heads", "snapkv"], checkpoints={"heads": str(ckpt)}, budgets=[0.25])
+    sweep = Sweep(cfg, model=model, tokenizer=tok)
+    heads, snapkv = cfg.method_specs()
+    assert sweep.method_recent(heads, 256) == 128 and sweep.method_recent(heads, 64) == 32
+    assert sweep.method_recent(snapkv, 256) is None
+    samples = sweep.samples(CTX)
+    assert sweep.run_config(heads, CTX, 0.25, samples)["eviction"]["recent_window"] == CTX // 8  # half of 1/4
+    assert sweep.run_config(snapkv, CTX, 0.25, samples)["eviction"]["recent_window"] == min(32, CTX // 16)
+    explicit = Sweep(_config(tmp_path / "o2", methods=["heads"], checkpoints={"heads": str(ckpt)}, budgets=[0.25],
+                             recent_window=8), model=model, tokenizer=tok)
+    assert explicit.run_config(heads, CTX, 0.25, samples)["eviction"]["recent_window"] == 8
 
 
 # ---------------------------------------------------------------------------------------------------------

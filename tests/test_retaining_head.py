@@ -69,7 +69,8 @@ def test_answer_region_auto_uses_labels_for_sft_rows_and_the_tail_for_text():
 
 
 def _brute_force_targets(model, batch, cfg):
-    """Full T×T logits from the layers' own projections and RoPE, max over answer p > j and the group."""
+    """Full T×T logits from the layers' own projections and RoPE, max over answer p > j and the group
+    (``log_attention``: the logits turned into log softmax weights over each query's causal, real keys)."""
     captured = {}
 
     def grab(i):
@@ -100,6 +101,9 @@ def _brute_force_targets(model, batch, cfg):
             for b in range(bsz):
                 for head in range(hq):
                     full = q[b, head] @ k[b, head // g].T * attn.scaling  # [T, T] logits
+                    if cfg.target == "log_attention":
+                        seen = torch.ones(t, t).tril().bool() & real[b][None, :]
+                        full = full.masked_fill(~seen, float("-inf")).log_softmax(-1)
                     for j in range(t):
                         if not (keys[b, j] and real[b, j]):
                             continue
@@ -111,9 +115,10 @@ def _brute_force_targets(model, batch, cfg):
     return out
 
 
+@pytest.mark.parametrize("target", ["logit", "log_attention"])
 @pytest.mark.parametrize("chunk", [3, 256])
-def test_target_equals_brute_force(chunk):
-    model = tiny_model(target_chunk=chunk, target_queries=5)
+def test_target_equals_brute_force(chunk, target):
+    model = tiny_model(target_chunk=chunk, target_queries=5, target=target)
     cfg = method_modules(model)[0].config
     batch = sft_batch()
     expected = _brute_force_targets(model, batch, cfg)
@@ -142,6 +147,13 @@ def test_causal_importance_on_a_hand_made_case():
     s = causal_importance(q, k, answer, real, scaling=1.0, chunk=1)
     assert s[0, 0, :3].tolist() == [3.0, 5.0, 2.0]
     assert s[0, 0, 3] == float("-inf")
+    # log weights: query 2 normalises over keys 0..2 (itself included), query 3 over keys 0..3
+    lp = causal_importance(q, k, answer, real, scaling=1.0, chunk=2, target="log_attention")
+    w2 = torch.tensor([1.0, 5.0, 9.0]).log_softmax(0)
+    w3 = torch.tensor([3.0, -1.0, 2.0, 7.0]).log_softmax(0)
+    expected = [max(w2[0], w3[0]), max(w2[1], w3[1]), w3[2]]
+    torch.testing.assert_close(lp[0, 0, :3], torch.stack(expected))
+    assert bool((lp[0, 0, :3] <= 0).all())
 
 
 def test_training_reduces_the_loss_and_changes_only_the_heads():
@@ -234,3 +246,34 @@ def test_param_count():
     assert report[("llama3.1-8b", 1024)][0] == 201_588_736  # the paper's 201.6M, 2.5%
     assert math.isclose(report[("llama3.1-8b", 1024)][1], 0.0251, abs_tol=5e-4)
     print({k: (n, f"{100 * r:.2f}%") for k, (n, r) in report.items()})
+
+
+def test_pool_kernel_max_pools_scores_within_each_chunk():
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(5))
+    plain, pooled = tiny_model(hidden=32), tiny_model(hidden=32, pool_kernel=5)  # same seed: same heads
+    out = []
+    for model in (plain, pooled):
+        cache = model.new_cache(EvictionConfig(budget=64, chunk_size=7))
+        with torch.no_grad():
+            for s in range(0, 21, 7):
+                model(input_ids=ids[:, s : s + 7], cache=cache, use_cache=True)
+        out.append(cache.layers[0].scores)
+    raw, got = out
+    for s in range(0, 21, 7):  # each chunk pooled on its own: the max of the raw scores within +-2 in the chunk
+        for i in range(s, s + 7):
+            lo, hi = max(s, i - 2), min(s + 7, i + 3)
+            torch.testing.assert_close(got[..., i], raw[..., lo:hi].amax(-1))
+
+
+def test_stabilizers_as_a_fraction_of_the_budget():
+    cfg = RetainingHeadConfig(stabilizers=0.5, final_tokens=10)
+    assert cfg.stabilizer_tokens(256) == 128 and cfg.protected_recent(256) == 128 and cfg.protected_recent(12) == 10
+    assert cfg.eviction_config(budget=256).recent_window == 128
+    assert RetainingHeadConfig(stabilizers=32).protected_recent(256) == 32
+    assert RetainingHeadConfig(stabilizers=32).protected_recent(32) == 16  # never more than half the budget
+    with pytest.raises(ValueError, match="keep ratio"):
+        cfg.eviction_config(budget=0.125)
+    with pytest.raises(ValueError, match="fraction"):
+        RetainingHeadConfig(stabilizers=1.5)
+    with pytest.raises(ValueError, match="odd"):
+        RetainingHeadConfig(pool_kernel=4)

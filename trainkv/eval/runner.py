@@ -494,6 +494,7 @@ class Sweep:
         self._model = model
         self._tokenizer = tokenizer
         self._samples: dict[int, list[Sample]] = {}
+        self._method_configs: dict[MethodSpec, Any] = {}
 
     # --- resources ---------------------------------------------------------------------------------
     @property
@@ -538,6 +539,24 @@ class Sweep:
         method = "streaming_llm" if spec.is_full else spec.method
         return trainkv.attach(model, method, trainkv.EvictionConfig(**base), **dict(spec.overrides))
 
+    def method_recent(self, spec: MethodSpec, entries: int) -> int | None:
+        """The recent window a method asks for at this budget (`MethodConfig.protected_recent`; e.g. Locret's
+        stabilizers), read from the checkpoint's config without loading its weights; None = the default rule."""
+        if spec.is_full:
+            return None
+        if spec not in self._method_configs:
+            from trainkv.methods import make_config
+
+            if spec.checkpoint is not None:
+                from trainkv.hub.format import read_config
+                from trainkv.hub.load import checkpoint_method_config, resolve_checkpoint
+
+                directory = resolve_checkpoint(spec.checkpoint)
+                self._method_configs[spec] = checkpoint_method_config(read_config(directory), spec.checkpoint)
+            else:
+                self._method_configs[spec] = make_config(spec.method, **dict(spec.overrides))
+        return self._method_configs[spec].protected_recent(entries)
+
     def method_config(self, model) -> dict[str, Any]:
         state = model.trainkv_state
         return {"method": state.method.to_dict(), "base_eviction": state.eviction.to_dict()}
@@ -553,7 +572,8 @@ class Sweep:
             budget_info = {"spec": None, "label": FULL, "entries": None, "keep_ratio": 1.0}
         else:
             entries = resolve_budget(budget, context_length)
-            eviction = eviction_settings(entries, c.chunk_size, c.sink_tokens, c.recent_window)
+            recent = c.recent_window if c.recent_window is not None else self.method_recent(spec, entries)
+            eviction = eviction_settings(entries, c.chunk_size, c.sink_tokens, recent)
             budget_info = {"spec": budget, "label": budget_label(budget), "entries": entries,
                            "keep_ratio": keep_ratio(budget, context_length)}
         return {

@@ -259,7 +259,7 @@ def _eviction_config(config: dict, eviction, overrides: dict, source: str) -> Ev
     return saved.replace(**overrides) if overrides else saved
 
 
-def _method_config(config: dict, source: str):
+def checkpoint_method_config(config: dict, source: str):
     from ..methods import METHODS, make_config
 
     name = config["method"]["method"]
@@ -334,7 +334,7 @@ def load_gated(name: str | os.PathLike, model: nn.Module | None = None, eviction
     directory = resolve_checkpoint(source, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
     ckpt = GateCheckpoint.load(directory)
     config = ckpt.config
-    method_config = _method_config(config, source)
+    method_config = checkpoint_method_config(config, source)
     eviction_config = _eviction_config(config, eviction, eviction_overrides, source)
     if model is None:
         model = load_base_model(config, source, device=device, dtype=dtype)

@@ -18,6 +18,12 @@ class MethodConfig:
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
 
+    def protected_recent(self, budget: int) -> int | None:
+        """Recent tokens this method wants protected at a budget of ``budget`` entries per head, or None
+        (no preference: the caller's rule applies). Used by ``trainkv eval`` when ``--recent-window`` is
+        not given."""
+        return None
+
     @classmethod
     def from_dict(cls, data: dict) -> "MethodConfig":
         data = {k: v for k, v in data.items() if k != "method"}

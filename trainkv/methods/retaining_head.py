@@ -22,6 +22,13 @@ On Locret's data (keys = prompt, queries = answer) this is exactly its target. I
 the frozen forward, in chunks of answer queries (``target_chunk`` at a time over all keys): no T×T
 attention matrix is ever stored, and normal SDPA attention runs unchanged.
 
+Variant ``target="log_attention"`` (trainkv's, not Locret's): the max over the same queries of the log
+attention *weight* ``q_p . k_j * scale - logsumexp_{i <= p} q_p . k_i * scale`` (the query's softmax
+normaliser over every key it sees, itself included). A pre-softmax logit is large for any query with a large
+norm even where that query spreads its attention; the log weight says how much of the query's attention
+the key actually receives, which is what eviction loses. Same cost (the normaliser comes from the logits
+already computed for the chunk of queries).
+
 Answer region (``answer_region``):
 
 * ``"labels"``: answer queries are the positions whose label is not -100 (SFT batches: the
@@ -59,7 +66,8 @@ Runtime (budget mode, through `EvictingCache` and ``generate``). Locret prefills
 keeps per layer and KV head the top-b tokens by score, protects the last n_s cached tokens
 ("stabilizers") during prefill, forwards the last n_loc prompt tokens without eviction and does not
 evict while decoding. Here: ``chunk_size`` = B, ``budget`` = b, ``recent_window`` =
-``max(stabilizers, final_tokens)`` (the most recent tokens, protected at every eviction; at the end of
+``max(stabilizers, final_tokens)`` (``stabilizers`` may be a fraction of the budget; ``trainkv eval`` uses
+it when ``--recent-window`` is not given) (the most recent tokens, protected at every eviction; at the end of
 prefill those are the question, so they cover Locret's n_loc), ``evict_during_decoding=False``.
 `RetainingHeadConfig.eviction_config` builds that `EvictionConfig`. Deviations: (1) the protected
 tokens count inside the budget (the cache never exceeds it; Locret holds b + n_loc after prefill);
@@ -88,6 +96,7 @@ from transformers.activations import ACT2FN
 from .base import EvictionMethod, MethodConfig, ScoreContext
 
 ANSWER_REGIONS = ("auto", "labels", "tail", "all")
+TARGETS = ("logit", "log_attention")
 
 
 @dataclass
@@ -101,14 +110,22 @@ class RetainingHeadConfig(MethodConfig):
     smooth_weight: weight of the adjacent-token smoothness term (paper: 0.0025).
     huber_beta: SmoothL1 beta (paper: 1.0).
     answer_region: which queries define the target: ``auto``/``labels``/``tail``/``all`` (module docstring).
+    target: ``"logit"`` (Locret: the max pre-softmax logit) or ``"log_attention"`` (a trainkv variant: the max
+        log attention *weight*, ``logit - logsumexp`` over each query's visible keys; module docstring).
     target_queries: ``tail`` mode: how many final tokens act as the answer (at most half of a row's tokens).
     answer_keys: also train on keys that are themselves answer tokens (Locret: no, prompt tokens only).
     target_chunk: answer queries processed at a time when computing the target (memory knob:
         ``B * num_heads * target_chunk * T`` fp32 logits are live at once).
     stabilizers: runtime: the last n tokens of the cache kept at every prefill eviction (Locret's n_s);
-        maps onto ``EvictionConfig.recent_window``.
+        maps onto ``EvictionConfig.recent_window``. An ``int`` is a number of tokens (at most half the
+        budget), a ``float`` in (0, 1) a fraction of the budget (Locret's settings protect 15-40% of it: n_s = 2500 of b = 6000 or
+        16384). On SmolLM2 (issue #5) half the budget helped at 2K x 1/8 on one dev set and not on
+        another, and hurt at 1K x 1/8 (budget 128): 32 tokens is the default.
     final_tokens: runtime: final prompt tokens never evicted (Locret's n_loc, the question); also
         covered by ``recent_window`` (``max(stabilizers, final_tokens)``).
+    pool_kernel: runtime, a trainkv option (1 = Locret): max-pool each chunk's scores over this many
+        neighbouring tokens (odd), so a kept token keeps its neighbours (a needle's digits together), as
+        SnapKV pools attention. Pooling stays inside a prefill chunk (no score looks ahead of the chunk).
     """
 
     name = "retaining_head"
@@ -119,32 +136,62 @@ class RetainingHeadConfig(MethodConfig):
     smooth_weight: float = 0.0025
     huber_beta: float = 1.0
     answer_region: str = "auto"
+    target: str = "logit"
     target_queries: int = 128
     answer_keys: bool = False
     target_chunk: int = 256
     # runtime
-    stabilizers: int = 32
+    stabilizers: int | float = 32
     final_tokens: int = 0
+    pool_kernel: int = 1
 
     def __post_init__(self):
         if self.answer_region not in ANSWER_REGIONS:
             raise ValueError(
                 f"retaining_head: answer_region must be one of {ANSWER_REGIONS}, got {self.answer_region!r}"
             )
+        if self.target not in TARGETS:
+            raise ValueError(f"retaining_head: target must be one of {TARGETS}, got {self.target!r}")
         for name in ("hidden", "target_queries", "target_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"retaining_head: {name} must be positive, got {getattr(self, name)}")
-        if self.stabilizers < 0 or self.final_tokens < 0:
+        if isinstance(self.stabilizers, bool) or self.stabilizers < 0 or self.final_tokens < 0:
             raise ValueError("retaining_head: stabilizers and final_tokens must be >= 0")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"retaining_head: pool_kernel must be a positive odd number, got {self.pool_kernel}")
+        if isinstance(self.stabilizers, float) and not self.stabilizers < 1.0:
+            raise ValueError(
+                f"retaining_head: a float stabilizers is a fraction of the budget in [0, 1), got {self.stabilizers}; "
+                "give a number of tokens as an int"
+            )
+
+    def stabilizer_tokens(self, budget: int) -> int:
+        """Locret's n_s at a budget of ``budget`` entries per head; a number of tokens is capped at half the
+        budget (so the heads always choose at least half of what is kept)."""
+        if isinstance(self.stabilizers, float):
+            return int(round(self.stabilizers * budget))
+        return min(int(self.stabilizers), budget // 2)
+
+    def protected_recent(self, budget: int) -> int:
+        """``max(stabilizers, final_tokens)`` at this budget (the protected recent window)."""
+        return max(self.stabilizer_tokens(budget), self.final_tokens)
 
     def eviction_config(self, budget: int | float = 256, chunk_size: int = 512, sink_tokens: int = 4, **overrides):
         """The runtime settings of Locret's inference loop: budget mode, ``recent_window`` =
-        ``max(stabilizers, final_tokens)``, no eviction while decoding."""
+        ``max(stabilizers, final_tokens)``, no eviction while decoding. A fraction ``stabilizers`` needs an
+        absolute (``int``) budget."""
         from ..config import EvictionConfig
 
+        if isinstance(budget, float) and isinstance(self.stabilizers, float):
+            raise ValueError(
+                f"retaining_head: stabilizers={self.stabilizers} is a fraction of the budget, but budget={budget} "
+                "is a keep ratio (entries unknown until the context is seen); pass an int budget (entries per "
+                "head) or set stabilizers to a number of tokens"
+            )
+        recent = self.protected_recent(budget) if isinstance(budget, int) else max(self.stabilizers, self.final_tokens)
         settings = dict(
             budget=budget, chunk_size=chunk_size, sink_tokens=sink_tokens,
-            recent_window=max(self.stabilizers, self.final_tokens), evict_during_decoding=False, mode="budget",
+            recent_window=recent, evict_during_decoding=False, mode="budget",
         )
         settings.update(overrides)
         return EvictionConfig(**settings)
@@ -196,10 +243,12 @@ def causal_importance(
     key_valid: torch.Tensor,
     scaling: float,
     chunk: int = 256,
+    target: str = "logit",
 ) -> torch.Tensor:
     """Locret's target without an attention matrix: ``[B, Hkv, T]`` fp32, the max over answer queries
     ``p > j`` (``answer`` ``[B, T]`` bool) and over the GQA group of ``q_p . k_j * scaling``, ``-inf``
-    where key ``j`` has no such query or is invalid (``key_valid`` ``[B, T]``).
+    where key ``j`` has no such query or is invalid (``key_valid`` ``[B, T]``). ``target="log_attention"``
+    subtracts each query's ``logsumexp`` over its visible keys ``i <= p`` (log attention weights).
 
     ``query`` ``[B, Hq, T, D]``, ``key`` ``[B, Hkv, T, D]`` (after RoPE). The answer queries are gathered
     (ragged rows padded) and processed ``chunk`` at a time: ``B * Hq * chunk * T`` logits live at once.
@@ -221,12 +270,17 @@ def causal_importance(
     for s in range(0, num, chunk):
         p, ok = qpos[:, s : s + chunk], qok[:, s : s + chunk]  # [B, a]
         a = p.shape[1]
-        span = int(torch.where(ok, p, torch.zeros_like(p)).max())  # keys j < span can be seen
-        if span == 0:
+        last = int(torch.where(ok, p, torch.zeros_like(p)).max())  # keys j < last can be targets
+        if last == 0:
             continue
+        span = last + 1 if target == "log_attention" else last  # the normaliser also needs key p itself
         q = query.gather(2, p[:, None, :, None].expand(b, hq, a, d)).float()  # [B, Hq, a, D]
         q = q.view(b, hkv, g * a, d)  # query head i belongs to KV head i // g
         logits = torch.matmul(q, keys_f[:, :, :span].transpose(-1, -2)).mul_(scaling).view(b, hkv, g, a, span)
+        if target == "log_attention":
+            visible = (p[:, :, None] >= pos[:span]) & key_valid[:, None, :span]  # [B, a, span]
+            lse = logits.masked_fill(~visible[:, None, None], float("-inf")).logsumexp(-1, keepdim=True)
+            logits.sub_(lse.nan_to_num_(0.0, neginf=0.0))  # rows of padded queries: masked below anyway
         allowed = ok[:, :, None] & (p[:, :, None] > pos[:span]) & key_valid[:, None, :span]  # [B, a, span]
         logits.masked_fill_(~allowed[:, None, None], float("-inf"))
         best[..., :span] = torch.maximum(best[..., :span], logits.amax(dim=(2, 3)))
@@ -267,7 +321,15 @@ class RetainingHead(EvictionMethod):
     def new_token_scores(self, ctx: ScoreContext) -> torch.Tensor:
         if ctx.hidden_states is None:
             raise RuntimeError("retaining_head: hidden states were not captured; is the method attached?")
-        return self.scores(self.head_inputs(ctx.module, ctx.hidden_states))
+        scores = self.scores(self.head_inputs(ctx.module, ctx.hidden_states))
+        k = self.config.pool_kernel
+        if k > 1 and scores.shape[-1] > 1:  # max over valid neighbours of the chunk (padding never wins)
+            b, h, c = scores.shape
+            valid = ctx.layer.valid_mask()[..., -c:].expand(b, h, c)
+            masked = scores.masked_fill(~valid, float("-inf")).reshape(b * h, 1, c)
+            pooled = F.max_pool1d(masked, k, stride=1, padding=k // 2).reshape(b, h, c)
+            scores = torch.where(valid, pooled, scores)
+        return scores
 
     # --- training -------------------------------------------------------------------------------
     def attention_without_cache(self, module, query, key, value, attention_mask, scaling, hidden_states=None, **kwargs):
@@ -280,7 +342,8 @@ class RetainingHead(EvictionMethod):
             raise RuntimeError("retaining_head: hidden states were not captured; is the method attached?")
         with torch.no_grad():
             target = causal_importance(
-                query.detach(), key.detach(), request["answer"], request["real"], scaling, self.config.target_chunk
+                query.detach(), key.detach(), request["answer"], request["real"], scaling, self.config.target_chunk,
+                self.config.target,
             )
         features = self.head_inputs(module, hidden_states.detach())
         with torch.enable_grad():
@@ -376,6 +439,6 @@ def top_overlap(records: list[dict], fraction: float = 0.1) -> float:
 
 
 __all__ = [
-    "RetainingHead", "RetainingHeadConfig", "answer_and_key_masks", "causal_importance", "param_count",
+    "RetainingHead", "RetainingHeadConfig", "TARGETS", "answer_and_key_masks", "causal_importance", "param_count",
     "retaining_loss", "top_overlap",
 ]
