@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # /tmp/gpu/long_lp = the weights now shipped in checkpoints/smollm2-135m/retaining_head (sha256 f2b94f55...); this script
-# overrides pool_kernel / stabilizers where it needs other settings. To re-run: copy that folder to .gpu/a4/long_lp.
-# On the GPU machine (after `source .gpu/b/setup.sh` and stashing the long_lp heads from .gpu/a4): issue #5,
+# overrides pool_kernel / stabilizers where it needs other settings. To re-run: copy that folder to .gpu/a5/long_lp.
+# On the GPU machine (after `source .gpu/b/setup.sh` and stashing the long_lp heads from .gpu/a5): issue #5,
 # a tighter measurement of the cells that decide it: eval split, seed 1234 (the reported seed), 16 samples per
 # task (176 per cell; the grid's 4 samples are the first 4 of each task), 1K and 2K x 1/8, for the full cache,
 # the shipped Attention-Gate, Locret as first shipped (pool 1, 32 stabilizers) and long_lp with pool 9 and

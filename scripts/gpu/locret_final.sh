@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # /tmp/gpu/long_lp = the weights now shipped in checkpoints/smollm2-135m/retaining_head (sha256 f2b94f55...) with
-# pool_kernel 1 and stabilizers 0.5 in config.json (as run here). To re-run: copy that folder to .gpu/a4/long_lp, edit.
-# On the GPU machine (after `source .gpu/b/setup.sh` and stashing the long_lp heads from .gpu/a4): issue #5,
+# pool_kernel 1 and stabilizers 0.5 in config.json (as run here). To re-run: copy that folder to .gpu/a5/long_lp, edit.
+# On the GPU machine (after `source .gpu/b/setup.sh` and stashing the long_lp heads from .gpu/a5): issue #5,
 # second step of the Locret search (`locret_search.sh` was the first). Both candidates now carry
 # stabilizers = 0.5 (half of the budget protected as the most recent tokens) in their config.json:
 #   * DEV set (eval split, --seed 4321, 8 samples per task): long_lp at 2K x 1/8 with 128 recent tokens, and

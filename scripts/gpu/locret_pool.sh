@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # /tmp/gpu/long_lp = the weights now shipped in checkpoints/smollm2-135m/retaining_head (sha256 f2b94f55...); this script
-# overrides pool_kernel / stabilizers where it needs other settings. To re-run: copy that folder to .gpu/a4/long_lp.
-# On the GPU machine (after `source .gpu/b/setup.sh` and stashing the long_lp heads from .gpu/a4): issue #5,
+# overrides pool_kernel / stabilizers where it needs other settings. To re-run: copy that folder to .gpu/a5/long_lp.
+# On the GPU machine (after `source .gpu/b/setup.sh` and stashing the long_lp heads from .gpu/a5): issue #5,
 # third step of the Locret search. Runtime settings of two trained heads (the shipped ones and long_lp)
 # chosen on a NEW dev set (eval split, --seed 777, 16 samples per task; not the reported seed 1234):
 #   pool_kernel 1 (Locret) / 5 / 9 (max-pool of the scores over neighbours, see RetainingHeadConfig)

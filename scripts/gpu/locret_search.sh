@@ -38,7 +38,7 @@ dev() {  # recent_window label=checkpoint... (L 2048, keep 1/8)
     --recent-window "$rw" --methods "${names[@]}" "${args[@]}" >>"logs/dev_rw$rw.log" 2>&1
 }
 for v in "${variants[@]}"; do train "${v%%|*}" ${v#*|}; done
-# meanwhile: full cache, the shipped heads and the second run (stashed from .gpu/a4 as /tmp/gpu/l2k)
+# meanwhile: full cache, the shipped heads and the second run (stashed from .gpu/a5 as /tmp/gpu/l2k)
 timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
   --batch-size 64 --no-progress --output runs/dev --tasks ruler --samples 8 --seed 4321 --methods full \
   --context-lengths 2048 >>logs/dev_full.log 2>&1 &
