@@ -78,7 +78,10 @@ contiguous positions 0..len-1 at every step, closing the evicted gaps; trainkv k
 its original position (post-RoPE keys, DESIGN invariant 3), so relative distances are those of the
 full context. The heads' scores are unaffected (their inputs are pre-RoPE); only how the model reads
 the compacted cache differs. Locret's contiguous positions matter for running past the trained
-context length, which trainkv's evaluations do not do. For Locret's exact n_loc behaviour (the
+context length, which trainkv's evaluations do not do. Two run-time options of trainkv's own
+(issue #5): ``stabilizers`` may be a fraction of the budget (an int is capped at half of it), and
+``pool_kernel`` > 1 max-pools each chunk's scores over neighbouring tokens, so a kept token keeps its
+neighbours (on SmolLM2 at 2K x 1/8: +5 to +7 points on the dev sets; it raises the KL on prose). For Locret's exact n_loc behaviour (the
 question appended *beyond* the budget), prefill the context with eviction, then append the final
 tokens with the cache's eviction switched off (``EvictingCache.eviction_enabled = False``).
 """
