@@ -211,8 +211,9 @@ def test_chunked_prefill_scores_equal_whole_sequence_scores():
         torch.testing.assert_close(layer.scores, ref.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_runtime_keeps_top_scored_tokens_and_generates():
-    model = tiny_model(hidden=32, stabilizers=4)
+@pytest.mark.parametrize("pool_kernel", [1, 3])
+def test_runtime_keeps_top_scored_tokens_and_generates(pool_kernel):
+    model = tiny_model(hidden=32, stabilizers=4, pool_kernel=pool_kernel)
     cfg = method_modules(model)[0].config
     ev = cfg.eviction_config(budget=12, chunk_size=8, sink_tokens=2)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4))
