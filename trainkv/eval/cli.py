@@ -75,7 +75,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="prefill chunk size; eviction after each chunk ('none': the whole context in one pass, "
                         "as kvpress) (default 512)")
     p.add_argument("--sink-tokens", type=int, default=None, help="protected first tokens (default 4)")
-    p.add_argument("--recent-window", type=int, default=None, help="protected recent tokens (default: the method's own setting, e.g. Locret's stabilizers, else min(32, budget // 4))")
+    p.add_argument("--recent-window", type=int, default=None,
+                   help="protected recent tokens (default: the method's own setting, e.g. Locret's stabilizers, "
+                        "else min(32, budget // 4))")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on each sample's generation budget")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="no chat template (raw context + question)")
     p.add_argument("--overwrite", action="store_true", help="recompute runs whose JSON exists")

@@ -66,9 +66,9 @@ Runtime (budget mode, through `EvictingCache` and ``generate``). Locret prefills
 keeps per layer and KV head the top-b tokens by score, protects the last n_s cached tokens
 ("stabilizers") during prefill, forwards the last n_loc prompt tokens without eviction and does not
 evict while decoding. Here: ``chunk_size`` = B, ``budget`` = b, ``recent_window`` =
-``max(stabilizers, final_tokens)`` (``stabilizers`` may be a fraction of the budget; ``trainkv eval`` uses
-it when ``--recent-window`` is not given) (the most recent tokens, protected at every eviction; at the end of
-prefill those are the question, so they cover Locret's n_loc), ``evict_during_decoding=False``.
+``max(stabilizers, final_tokens)`` (the most recent tokens, protected at every eviction; at the end of
+prefill those are the question, so they cover Locret's n_loc; ``trainkv eval`` uses it when
+``--recent-window`` is not given), ``evict_during_decoding=False``.
 `RetainingHeadConfig.eviction_config` builds that `EvictionConfig`. Deviations: (1) the protected
 tokens count inside the budget (the cache never exceeds it; Locret holds b + n_loc after prefill);
 (2) the window is also protected at the last prefill chunk (Locret drops stabilizers there, keeping
@@ -81,9 +81,10 @@ the compacted cache differs. Locret's contiguous positions matter for running pa
 context length, which trainkv's evaluations do not do. Two run-time options of trainkv's own
 (issue #5): ``stabilizers`` may be a fraction of the budget (an int is capped at half of it), and
 ``pool_kernel`` > 1 max-pools each chunk's scores over neighbouring tokens, so a kept token keeps its
-neighbours (on SmolLM2 at 2K x 1/8: +5 to +7 points on the dev sets; it raises the KL on prose). For Locret's exact n_loc behaviour (the
-question appended *beyond* the budget), prefill the context with eviction, then append the final
-tokens with the cache's eviction switched off (``EvictingCache.eviction_enabled = False``).
+neighbours (on SmolLM2 at 2K x 1/8: +5 to +7 points on the dev sets; it raises the KL on prose).
+For Locret's exact n_loc behaviour (the question appended *beyond* the budget), prefill the context
+with eviction, then append the final tokens with the cache's eviction switched off
+(``EvictingCache.eviction_enabled = False``).
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ class RetainingHeadConfig(MethodConfig):
         ``B * num_heads * target_chunk * T`` fp32 logits are live at once).
     stabilizers: runtime: the last n tokens of the cache kept at every prefill eviction (Locret's n_s);
         maps onto ``EvictionConfig.recent_window``. An ``int`` is a number of tokens (at most half the
-        budget), a ``float`` in (0, 1) a fraction of the budget (Locret's settings protect 15-40% of it: n_s = 2500 of b = 6000 or
-        16384). On SmolLM2 (issue #5) half the budget helped at 2K x 1/8 on one dev set and not on
-        another, and hurt at 1K x 1/8 (budget 128): 32 tokens is the default.
+        budget), a ``float`` in (0, 1) a fraction of the budget (Locret's settings protect 15-40% of it:
+        n_s = 2500 of b = 6000 or 16384). On SmolLM2 (issue #5) half the budget helped at 2K x 1/8 on one
+        dev set and not on another, and hurt at 1K x 1/8 (budget 128): 32 tokens is the default.
     final_tokens: runtime: final prompt tokens never evicted (Locret's n_loc, the question); also
         covered by ``recent_window`` (``max(stabilizers, final_tokens)``).
     pool_kernel: runtime, a trainkv option (1 = Locret): max-pool each chunk's scores over this many
