@@ -24,9 +24,10 @@ def cleanup():
 
 def text_shape(model) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a decoder."""
-    cfg = model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+    from trainkv.hub.format import base_shape
+
+    shape = base_shape(model)
+    return shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"]
 
 
 def kv_bytes_per_token(model) -> int:

@@ -27,16 +27,12 @@ import trainkv
 from trainkv.methods import gate_runtime
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def _timed(model, ids, chunk: int, repeats: int, make_cache) -> dict:
     times = []
     for _ in range(repeats + 1):
         times.append(run_generate(model, ids, 1, chunk, make_cache())["seconds"])
         cleanup()
-    return {"prefill_seconds": round(_median(times[1:]), 4), "warmup_seconds": round(times[0], 3),
+    return {"prefill_seconds": round(statistics.median(times[1:]), 4), "warmup_seconds": round(times[0], 3),
             "all": [round(t, 4) for t in times[1:]]}
 
 
@@ -83,7 +79,7 @@ def cmd_overhead(args):
 
 def write(args, model, results: dict, profiles: dict, partial: bool) -> dict:
     ungated = [results[k]["prefill_seconds"] for k in ("ungated", "ungated_again") if k in results]
-    base = _median(ungated) if ungated else None
+    base = statistics.median(ungated) if ungated else None
     overhead = {label: round(results[label]["prefill_seconds"] / base - 1, 4)
                 for label in ("gated", "gated_compiled") if label in results and base}
     write_result(args.name or f"overhead_{args.model}", {

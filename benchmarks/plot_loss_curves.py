@@ -226,14 +226,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.window < 3 or args.window % 2 == 0:
         ap.error("--window must be an odd number >= 3")
-    runs = [(label, read_metrics(path)) for label, path in map(parse_run, args.run)]
+    parsed = [parse_run(r) for r in args.run]
+    runs = [(label, read_metrics(path)) for label, path in parsed]
     noise_run = None
     if args.noise_run:
         label, path = parse_run(args.noise_run)
         noise_run = (label, read_metrics(path))
     keys = args.keys or ["loss"] + [k for k in ("kl",) if all(any(k in r for r in recs.values()) for _, recs in runs)]
     result = analyse(runs, noise_run, keys, args.window)
-    result["runs"] = {label: path for label, path in map(parse_run, args.run)}
+    result["runs"] = dict(parsed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loss_match.json").write_text(json.dumps(result, indent=2))

@@ -9,7 +9,9 @@ attention function), with plain matmuls.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
@@ -231,3 +233,11 @@ def prose_ids(tok, n_tokens: int, offset: int = 0) -> torch.Tensor:
 def kv_bytes(layers: int, batch: int, kv_heads: int, budget: int, head_dim: int, element_size: int = 4) -> int:
     return 2 * layers * batch * kv_heads * budget * head_dim * element_size
 
+
+def env_for_subprocess() -> dict:
+    """Environment of a test's child process: the project and tests/ importable, offline, one thread."""
+    root, tests = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(tests), env.get("PYTHONPATH", "")])
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return env

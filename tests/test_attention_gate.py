@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -120,8 +121,9 @@ def test_runtime_gate_needs_no_mask_once_its_window_is_real_tokens():
 
 @pytest.fixture
 def restore_gate_runtime():
+    before = dataclasses.asdict(gate_runtime.options())
     yield
-    gate_runtime.configure(compile=None, compile_on_cpu=False, backend="inductor", mode=None, dynamic=False)
+    gate_runtime.configure(**before)
 
 
 def _runtime_scores_with(**options):

@@ -302,7 +302,7 @@ def test_checkpoint_methods_load_through_hub(tok, model, tmp_path, monkeypatch):
         return trainkv.attach(model, "tova", trainkv.EvictionConfig(**overrides))
 
     monkeypatch.setattr(trainkv.hub, "load_gated", fake_load_gated)
-    monkeypatch.setattr(Sweep, "method_recent", lambda self, spec, entries: None)  # no checkpoint to read
+    monkeypatch.setattr(Sweep, "recent_window", lambda self, spec, entries: None)  # no checkpoint to read
     cfg = _config(tmp_path, methods=["gate"], checkpoints={"gate": "ckpt/dir"}, budgets=[0.25], tasks=["niah_single_1"])
     Sweep(cfg, model=model, tokenizer=tok).run()
     assert seen["path"] == "ckpt/dir"
@@ -324,8 +324,8 @@ def test_checkpoint_stabilizers_set_the_recent_window(tok, model, tmp_path):
     cfg = _config(tmp_path / "out", methods=["heads", "snapkv"], checkpoints={"heads": str(ckpt)}, budgets=[0.25])
     sweep = Sweep(cfg, model=model, tokenizer=tok)
     heads, snapkv = cfg.method_specs()
-    assert sweep.method_recent(heads, 256) == 128 and sweep.method_recent(heads, 64) == 32
-    assert sweep.method_recent(snapkv, 256) is None
+    assert sweep.recent_window(heads, 256) == 128 and sweep.recent_window(heads, 64) == 32
+    assert sweep.recent_window(snapkv, 256) is None
     samples = sweep.samples(CTX)
     assert sweep.run_config(heads, CTX, 0.25, samples)["eviction"]["recent_window"] == CTX // 8  # half of 1/4
     assert sweep.run_config(snapkv, CTX, 0.25, samples)["eviction"]["recent_window"] == min(32, CTX // 16)
@@ -417,13 +417,9 @@ def test_report_only_command(sweep_dir, capsys):
 
 def test_kvpress_reference_compare(sweep_dir, tmp_path):
     """The kvpress comparison reads run files of both sides (here: trainkv's, relabelled) and pairs them."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_loader import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_reference.py"
-    spec = importlib.util.spec_from_file_location("kvpress_reference", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("kvpress_reference")
     for side, suffix in (("kvpress", ""), ("trainkv", "=kvpress")):
         (tmp_path / side / "runs").mkdir(parents=True)
         for f in (sweep_dir / "runs").glob("*.json"):

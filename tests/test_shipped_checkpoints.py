@@ -32,6 +32,7 @@ def test_shipped_checkpoint_reproduces_committed_samples(smollm, tmp_path, metho
     ours = json.loads((tmp_path / "runs" / f"{method}__L1024__r0.125.json").read_text())
     assert ours["config"]["eviction"] == committed["config"]["eviction"]  # incl. the checkpoint's own recent window
     theirs = {(r["task"], r["index"]): r for r in committed["results"]}
+    assert sorted(r["task"] for r in ours["results"]) == sorted(TASKS)  # one sample of each task was compared
     for r in ours["results"]:
         ref = theirs[(r["task"], r["index"])]
         assert r["kept_max"] == ref["kept_max"] == 128  # 1/8 of 1024 entries per layer and KV head

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from benchmark_loader import load_benchmark
+from runtime_helpers import env_for_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
@@ -48,8 +48,7 @@ def test_peak_table(tp, name, peak):
 
 def test_cpu_run_writes_a_sane_json_and_combine(tmp_path, tp):
     out = tmp_path / "tp_1.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = env_for_subprocess()
     cmd = [sys.executable, str(SCRIPT), "--model-config", "tiny", "--seq-len", "96", "--warmup", "1", "--steps", "2",
            "--peak-tflops", "1.0", "--workdir", str(tmp_path / "work"), "--output", str(out),
            "eviction.chunk_size=32", "dtype=float32", "mixed_precision=no"]

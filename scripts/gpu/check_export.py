@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = trainkv.load_gated(args.checkpoint, device=args.device, dtype=dtype)
     load_s = time.perf_counter() - t0
-    config = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    config = model.trainkv_checkpoint["config"]
     from trainkv.hub.load import _alias_for
 
     tok = trainkv.load_tokenizer(_alias_for(config["base_model"]) or config["base_model"])

@@ -35,17 +35,7 @@ group dev_b ship_p5_s0.5 ship_p9_s32 ship_p9_s0.5 &
 group dev_c lp_p1_s32 lp_p1_s0.5 lp_p5_s32 &
 group dev_d lp_p5_s0.5 lp_p9_s32 lp_p9_s0.5 &
 wait
-best=$(python - <<'EOF'
-import glob, json
-scores = {}
-for f in glob.glob("runs/devpool/runs/*__r0.125.json"):
-    d = json.load(open(f))
-    scores[d["config"]["method"]["label"]] = d["aggregate"]["score"]
-# ties: the simpler setting first (Locret's pooling 1, 32 stabilizers, the shipped heads)
-order = sorted(scores, key=lambda n: (-scores[n], "_p1_" not in n, "_s32" not in n, not n.startswith("ship")))
-print(" ".join(order[:2]))
-EOF
-)
+best=$(python scripts/gpu/locret_tools.py best 2 "runs/devpool/runs/*__r0.125.json")
 echo "selected on dev: $best" | tee logs/selected.log
 grid=(--output results/smollm2 --samples 4 --budgets 0.5 0.25 0.125 0.0625)
 for n in $best; do

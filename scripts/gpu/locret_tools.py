@@ -2,6 +2,7 @@
 
     python scripts/gpu/locret_tools.py candidate NAME SRC POOL STABILIZERS   # runs/cand/NAME = SRC with these run-time settings
     python scripts/gpu/locret_tools.py table GLOB [GLOB ...]                 # one line per run file: score, per-task scores / KL
+    python scripts/gpu/locret_tools.py best N GLOB                           # the N best labels by score, space-separated
 """
 
 from __future__ import annotations
@@ -35,11 +36,24 @@ def table(patterns: list[str]) -> None:
                 print(f"{Path(f).name:44s} KL {agg.get('kl', float('nan')):.4f} ppl {agg.get('ppl', float('nan')):.2f}")
 
 
+def best(n: int, pattern: str) -> list[str]:
+    """Labels of the ``n`` best run files by score; ties: the simpler setting first (pooling 1, 32 stabilizers,
+    the shipped heads)."""
+    scores = {}
+    for f in glob.glob(pattern):
+        run = json.loads(Path(f).read_text())
+        scores[run["config"]["method"]["label"]] = run["aggregate"]["score"]
+    order = sorted(scores, key=lambda m: (-scores[m], "_p1_" not in m, "_s32" not in m, not m.startswith("ship")))
+    return order[:n]
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["-h"]
     if cmd == "candidate" and len(rest) == 4:
         candidate(*rest)
     elif cmd == "table" and rest:
         table(rest)
+    elif cmd == "best" and len(rest) == 2:
+        print(" ".join(best(int(rest[0]), rest[1])))
     else:
         raise SystemExit(__doc__)

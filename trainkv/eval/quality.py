@@ -207,8 +207,7 @@ def quality_config(sweep, spec: MethodSpec, length: int, budget, n_segments: int
         start = 0
     else:
         entries = resolve_budget(budget, length)
-        recent = c.recent_window if c.recent_window is not None else sweep.method_recent(spec, entries)
-        eviction = eviction_settings(entries, c.kl_chunk_size, c.sink_tokens, recent)
+        eviction = eviction_settings(entries, c.kl_chunk_size, c.sink_tokens, sweep.recent_window(spec, entries))
         budget_info = {"spec": budget, "label": budget_label(budget), "entries": entries,
                        "keep_ratio": keep_ratio(budget, length)}
         start = entries

@@ -539,9 +539,12 @@ class Sweep:
         method = "streaming_llm" if spec.is_full else spec.method
         return trainkv.attach(model, method, trainkv.EvictionConfig(**base), **dict(spec.overrides))
 
-    def method_recent(self, spec: MethodSpec, entries: int) -> int | None:
-        """The recent window a method asks for at this budget (`MethodConfig.protected_recent`; e.g. Locret's
-        stabilizers), read from the checkpoint's config without loading its weights; None = the default rule."""
+    def recent_window(self, spec: MethodSpec, entries: int) -> int | None:
+        """The recent window of a run: ``--recent-window`` if given, else what the method asks for at this budget
+        (`MethodConfig.protected_recent`, e.g. Locret's stabilizers, read from the checkpoint's config without
+        loading its weights); None = the default rule (`protected_tokens`)."""
+        if self.config.recent_window is not None:
+            return self.config.recent_window
         if spec.is_full:
             return None
         if spec not in self._method_configs:
@@ -572,8 +575,7 @@ class Sweep:
             budget_info = {"spec": None, "label": FULL, "entries": None, "keep_ratio": 1.0}
         else:
             entries = resolve_budget(budget, context_length)
-            recent = c.recent_window if c.recent_window is not None else self.method_recent(spec, entries)
-            eviction = eviction_settings(entries, c.chunk_size, c.sink_tokens, recent)
+            eviction = eviction_settings(entries, c.chunk_size, c.sink_tokens, self.recent_window(spec, entries))
             budget_info = {"spec": budget, "label": budget_label(budget), "entries": entries,
                            "keep_ratio": keep_ratio(budget, context_length)}
         return {

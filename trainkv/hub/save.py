@@ -76,13 +76,12 @@ def to_checkpoint(model: nn.Module, eval_table: str | None = None, card_name: st
     return GateCheckpoint(config, tensors, eval_table=eval_table, card_name=card_name)
 
 
-def save_gated(model: nn.Module, path: str | Path, eval_table: str | None = None, *, repo_id: str | None = None,
-               card_name: str | None = None) -> Path:
+def save_gated(model: nn.Module, path: str | Path, eval_table: str | None = None, *, repo_id: str | None = None) -> Path:
     """Save the method attached to ``model`` (and its LoRA layers, if any) as a gate checkpoint in ``path``.
 
     Writes ``model.safetensors``, ``config.json`` and ``README.md`` (with ``eval_table``, a markdown
     table, if given; ``repo_id`` is the name shown in the card's usage snippet). Returns the directory.
     """
     path = Path(path)
-    to_checkpoint(model, eval_table=eval_table, card_name=card_name or repo_id or str(path)).save_pretrained(path)
+    to_checkpoint(model, eval_table=eval_table, card_name=repo_id or str(path)).save_pretrained(path)
     return path

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ def run_gate(*args, device: torch.device):
 
 def compile_status() -> dict:
     """What the compiled path did so far (for benchmark records)."""
-    return {"options": {k: getattr(_OPTIONS, k) for k in _OPTIONS.__dataclass_fields__},
+    return {"options": asdict(_OPTIONS),
             "compiled": _COMPILED.fn is not None and _COMPILED.failed is None, "failure": _COMPILED.failed}
 
 

@@ -329,10 +329,10 @@ class RetainingHead(EvictionMethod):
         k = self.config.pool_kernel
         if k > 1 and scores.shape[-1] > 1:  # max over valid neighbours of the chunk (padding never wins)
             b, h, c = scores.shape
-            valid = ctx.layer.valid_mask()[..., -c:].expand(b, h, c)
-            masked = scores.masked_fill(~valid, float("-inf")).reshape(b * h, 1, c)
-            pooled = F.max_pool1d(masked, k, stride=1, padding=k // 2).reshape(b, h, c)
-            scores = torch.where(valid, pooled, scores)
+            valid = None if ctx.layer.valid is None else ctx.layer.valid[..., -c:].expand(b, h, c)
+            masked = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+            pooled = F.max_pool1d(masked.reshape(b * h, 1, c), k, stride=1, padding=k // 2).reshape(b, h, c)
+            scores = pooled if valid is None else torch.where(valid, pooled, scores)
         return scores
 
     # --- training -------------------------------------------------------------------------------

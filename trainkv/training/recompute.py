@@ -18,6 +18,8 @@ No method needs to know about checkpointing.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 
 _MODULE_KEYS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (training, _parameters, hooks, ...)
@@ -54,20 +56,12 @@ class ReplayState:
         return False
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def replay_context_fn(modules: list[nn.Module]):
     """``context_fn`` for `torch.utils.checkpoint.checkpoint`: (nothing at forward, replay at recompute)."""
     modules = list(modules)
 
     def context_fn():
-        return _Nothing(), ReplayState(modules, [_state(m) for m in modules])
+        return contextlib.nullcontext(), ReplayState(modules, [_state(m) for m in modules])
 
     return context_fn
 

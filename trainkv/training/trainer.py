@@ -412,43 +412,18 @@ def _master_tensors(unwrapped: nn.Module, named, weights: dict[str, torch.Tensor
     return out
 
 
-def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], final_dir: Path,
-                  cfg: TrainConfig) -> None:
-    """Write the method (+ LoRA) to ``final_dir`` with `trainkv.hub.save_gated`, or a plain safetensors fallback."""
-    from ..attach import method_modules
+def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], final_dir: Path) -> None:
+    """Write the method (+ LoRA) to ``final_dir`` as a gate checkpoint (`trainkv.hub`), with the fp32 master values
+    of the trained tensors; written to a temporary folder and renamed into place."""
+    from ..hub.save import to_checkpoint
 
-    try:
-        from ..hub.save import to_checkpoint
-    except ImportError:
-        to_checkpoint = None
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
     with _gathered(accelerator, [p for _, p in named]):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            if to_checkpoint is not None:  # `trainkv.save_gated`, with the fp32 master values of the trained tensors
-                checkpoint = to_checkpoint(unwrapped, card_name=str(final_dir))
-                checkpoint.tensors.update(_master_tensors(unwrapped, named, weights, checkpoint.tensors))
-                checkpoint.save_pretrained(tmp)
-            else:
-                from safetensors.torch import save_file
-
-                by_id = {id(p): n for n, p in named}
-                tensors = {}
-                for i, module in enumerate(method_modules(unwrapped)):
-                    for name, t in module.state_dict(keep_vars=True).items():
-                        full = by_id.get(id(t))
-                        tensors[f"layers.{i}.{name}"] = weights[full] if full else t.detach().cpu()
-                for n, _ in named:
-                    if _is_lora(n):
-                        tensors[f"lora.{n}"] = weights[n]
-                tmp.mkdir(parents=True)
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
-                state = unwrapped.trainkv_state
-                (tmp / "config.json").write_text(json.dumps({
-                    "format_version": 1, "base_model": unwrapped.config.trainkv_base_model,
-                    "method": state.method.to_dict(), "eviction": state.eviction.to_dict(),
-                    "lora": None if cfg.lora is None else cfg.to_dict()["lora"],
-                }, indent=1, default=str))
+            checkpoint = to_checkpoint(unwrapped, card_name=str(final_dir))
+            checkpoint.tensors.update(_master_tensors(unwrapped, named, weights, checkpoint.tensors))
+            checkpoint.save_pretrained(tmp)
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             os.replace(tmp, final_dir)
@@ -690,7 +665,7 @@ def train(
     if finished:
         weights = ckpt.gather_weights(accelerator, named)
         final_dir = output_dir / FINAL_NAME
-        _export_final(accelerator, unwrapped, named, weights, final_dir, cfg)
+        _export_final(accelerator, unwrapped, named, weights, final_dir)
         checksum = torch.tensor([float(sum(w.double().sum() for w in (p.detach().float() for _, p in named)))],
                                 dtype=torch.float64, device=accelerator.device)
         checksums = [float(x) for x in accelerator.gather(checksum).cpu()]
