@@ -14,10 +14,11 @@ import torch
 
 import trainkv
 from runtime_helpers import attached, left_pad, make_tiny, random_ids
-from trainkv.allocation import (
+from trainkv.budgets import (
     ScoreProfile, adaptive_head_counts, allocate, check_allocation, eviction_overrides, greedy_counts, layer_bytes,
-    profile_scores, pyramid, round_to_total, water_fill, weighted, xkv,
+    pyramid, round_to_total, water_fill, weighted, xkv,
 )
+from trainkv.eval.allocation import profile_scores
 
 LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
 

@@ -32,21 +32,29 @@ def test_chunk_size_must_be_positive_int(chunk):
         trainkv.EvictionConfig(chunk_size=chunk)
 
 
-@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_float_budget_outside_unit_interval(ratio):
-    with pytest.raises(ValueError, match=r"a float budget is a keep ratio in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"budget: .* a ratio must lie in \(0, 1\]"):
         trainkv.EvictionConfig(budget=ratio)
 
 
 def test_other_bad_settings():
-    with pytest.raises(TypeError, match="budget must be an int"):
-        trainkv.EvictionConfig(budget="64")
-    with pytest.raises(TypeError, match="budget must be an int"):
-        trainkv.EvictionConfig(budget=True)
+    assert trainkv.EvictionConfig(budget="64").budget == 64  # the budget language: text spellings too
+    assert trainkv.EvictionConfig(budget="1/8").budget == 0.125
+    for bad in (True, "lots", [64]):
+        with pytest.raises(ValueError, match=r"is not a budget; use entries .* like 512, or a ratio .* 1/8"):
+            trainkv.EvictionConfig(budget=bad)
     with pytest.raises(ValueError, match="mode must be 'budget' or 'threshold'"):
         trainkv.EvictionConfig(mode="topk")
-    with pytest.raises(ValueError, match="sink_tokens and recent_window must be >= 0"):
+    with pytest.raises(ValueError, match=r"recent_window must be an integer >= 0 \(tokens\), got -1"):
         trainkv.EvictionConfig(recent_window=-1)
+    with pytest.raises(ValueError, match=r"sink_tokens must be an integer >= 0 \(tokens\), got 2.5"):
+        trainkv.EvictionConfig(sink_tokens=2.5)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        trainkv.EvictionConfig(mode="threshold", threshold=float("nan"))
+    assert trainkv.EvictionConfig(mode="threshold", threshold=float("-inf")).threshold == float("-inf")
+    # a retired key of older checkpoints loads (dropped); it is not a field any more
+    assert "seed" not in trainkv.EvictionConfig.from_dict({"budget": 64, "seed": 0}).to_dict()
     with pytest.raises(ValueError, match=r"unknown eviction settings \['bugdet'\]"):
         trainkv.EvictionConfig.from_dict({"bugdet": 64})
     with pytest.raises(ValueError, match="unknown method 'snap'"):

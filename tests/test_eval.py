@@ -20,9 +20,9 @@ from trainkv.data.tasks import generate_samples
 from trainkv.eval import report
 from trainkv.eval.prompts import build_prompt, kvpress_row, prompt_texts
 from trainkv.eval.quality import prose_segments, quality_batch
-from trainkv.eval.runner import (
-    NO_EVICTION_BUDGET, Sweep, SweepConfig, chunk_bounds, compression_of, evaluate_samples, eviction_settings,
-    parse_budget, parse_method, protected_tokens, resolve_budget, run_batch,
+from trainkv.eval.runner import Sweep, SweepConfig, chunk_bounds, compression_of, evaluate_samples, run_batch
+from trainkv.eval.spec import (
+    NO_EVICTION_BUDGET, checkpoint_digest, eviction_settings, keep_entries, parse_keep, parse_method, protected_tokens,
 )
 
 CTX = 200  # target context tokens of the test samples
@@ -110,16 +110,16 @@ def test_kvpress_row_reproduces_our_token_ids(tok, samples):
 # budgets and protected tokens
 # ---------------------------------------------------------------------------------------------------------
 def test_budget_parsing_and_resolution():
-    assert parse_budget("0.125") == 0.125 and isinstance(parse_budget("0.125"), float)
-    assert parse_budget("64") == 64 and isinstance(parse_budget("64"), int)
-    assert parse_budget("1/8") == 0.125
-    assert parse_budget("1.0") == 1.0
+    assert parse_keep("0.125") == 0.125 and isinstance(parse_keep("0.125"), float)
+    assert parse_keep("64") == 64 and isinstance(parse_keep("64"), int)
+    assert parse_keep("1/8") == 0.125
+    assert parse_keep("1.0") == 1.0
     with pytest.raises(ValueError):
-        parse_budget("1.5")
-    assert resolve_budget(0.125, 512) == 64
-    assert resolve_budget(0.0625, 1024) == 64
-    assert resolve_budget(0.5, 513) == 256  # round half to even of 256.5
-    assert resolve_budget(100, 512) == 100
+        parse_keep("1.5")
+    assert keep_entries(0.125, 512) == 64
+    assert keep_entries(0.0625, 1024) == 64
+    assert keep_entries(0.5, 513) == 256  # round half to even of 256.5
+    assert keep_entries(100, 512) == 100
     assert protected_tokens(32) == (4, 8)
     assert protected_tokens(64) == (4, 16)
     assert protected_tokens(256) == (4, 32)  # capped at 32
@@ -146,7 +146,7 @@ def test_parse_method():
 @pytest.mark.parametrize("chunk_size", [64, None])
 def test_kept_entries_and_measured_compression(tok, model, samples, chunk_size):
     prompts = [build_prompt(s, tok, max_new_tokens=2) for s in samples]
-    budget = resolve_budget(0.25, CTX)
+    budget = keep_entries(0.25, CTX)
     attached(model, "streaming_llm")
     try:
         out = run_batch(model, tok, prompts, eviction_settings(budget, chunk_size), chunk_size)
@@ -204,7 +204,7 @@ def test_runner_equals_generate_continuation(tok, model, samples):
 # the sweep: files, summary, plot, resume
 # ---------------------------------------------------------------------------------------------------------
 def _config(out, **kw):
-    base = dict(model="tiny", methods=["full", "snapkv", "streaming_llm"], budgets=[0.25, 0.125],
+    base = dict(model="tiny", methods=["full", "snapkv", "streaming_llm"], keep=[0.25, 0.125],
                 tasks=["niah_single_1", "vt"], context_lengths=[CTX], samples=1, output=str(out), batch_size=2,
                 chunk_size=64, max_new_tokens=3, progress=False)
     base.update(kw)
@@ -240,7 +240,7 @@ def test_run_json_schema(sweep_dir):
             assert cfg["budget"]["entries"] is None and all(r["compression"] == 1.0 for r in rec["results"])
         else:
             entries = cfg["budget"]["entries"]
-            assert entries == resolve_budget(cfg["budget"]["spec"], CTX)
+            assert entries == keep_entries(cfg["budget"]["spec"], CTX)
             assert cfg["eviction"]["budget"] == entries
             assert cfg["eviction"]["recent_window"] == min(32, entries // 4) and cfg["eviction"]["sink_tokens"] == 4
             for r in rec["results"]:
@@ -301,9 +301,9 @@ def test_checkpoint_methods_load_through_hub(tok, model, tmp_path, monkeypatch):
         seen.update(path=path, overrides=overrides)
         return trainkv.attach(model, "tova", trainkv.EvictionConfig(**overrides))
 
-    monkeypatch.setattr(trainkv.hub, "load_gated", fake_load_gated)
+    monkeypatch.setattr(trainkv.eval.runner, "load_gated", fake_load_gated)
     monkeypatch.setattr(Sweep, "recent_window", lambda self, spec, entries: None)  # no checkpoint to read
-    cfg = _config(tmp_path, methods=["gate"], checkpoints={"gate": "ckpt/dir"}, budgets=[0.25], tasks=["niah_single_1"])
+    cfg = _config(tmp_path, methods=["gate"], checkpoints={"gate": "ckpt/dir"}, keep=[0.25], tasks=["niah_single_1"])
     Sweep(cfg, model=model, tokenizer=tok).run()
     assert seen["path"] == "ckpt/dir"
     rec = json.loads((tmp_path / "runs" / f"gate__L{CTX}__r0.25.json").read_text())
@@ -321,7 +321,7 @@ def test_checkpoint_stabilizers_set_the_recent_window(tok, model, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["method"]["stabilizers"] = 0.5
     (ckpt / "config.json").write_text(json.dumps(config))
-    cfg = _config(tmp_path / "out", methods=["heads", "snapkv"], checkpoints={"heads": str(ckpt)}, budgets=[0.25])
+    cfg = _config(tmp_path / "out", methods=["heads", "snapkv"], checkpoints={"heads": str(ckpt)}, keep=[0.25])
     sweep = Sweep(cfg, model=model, tokenizer=tok)
     heads, snapkv = cfg.method_specs()
     assert sweep.recent_window(heads, 256) == 128 and sweep.recent_window(heads, 64) == 32
@@ -329,7 +329,7 @@ def test_checkpoint_stabilizers_set_the_recent_window(tok, model, tmp_path):
     samples = sweep.samples(CTX)
     assert sweep.run_config(heads, CTX, 0.25, samples)["eviction"]["recent_window"] == CTX // 8  # half of 1/4
     assert sweep.run_config(snapkv, CTX, 0.25, samples)["eviction"]["recent_window"] == min(32, CTX // 16)
-    explicit = Sweep(_config(tmp_path / "o2", methods=["heads"], checkpoints={"heads": str(ckpt)}, budgets=[0.25],
+    explicit = Sweep(_config(tmp_path / "o2", methods=["heads"], checkpoints={"heads": str(ckpt)}, keep=[0.25],
                              recent_window=8), model=model, tokenizer=tok)
     assert explicit.run_config(heads, CTX, 0.25, samples)["eviction"]["recent_window"] == 8
 
@@ -355,7 +355,7 @@ def test_kl_zero_without_eviction_positive_with(tok, model):
 
 
 def test_kl_in_sweep(tmp_path, tok, model, monkeypatch):
-    cfg = _config(tmp_path, methods=["full", "streaming_llm"], budgets=[0.25], context_lengths=[128],
+    cfg = _config(tmp_path, methods=["full", "streaming_llm"], keep=[0.25], context_lengths=[128],
                   tasks_enabled=False, kl=True, kl_samples=1, kl_chunk_size=32)
     summary = Sweep(cfg, model=model, tokenizer=tok).run()
     q = summary["quality"]
@@ -375,16 +375,16 @@ def test_kl_in_sweep(tmp_path, tok, model, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 def test_eval_cli_parser():
     from trainkv.cli import build_parser
-    from trainkv.eval.cli import config_from_args
+    from trainkv.cli.eval import config_from_args
 
     args = build_parser().parse_args([
         "eval", "--methods", "full", "snapkv", "gate", "--checkpoint", "gate=checkpoints/x/attention_gate",
-        "--budgets", "0.5", "1/8", "64", "--tasks", "ruler", "--context-lengths", "512", "1024", "--samples", "3",
+        "--keep", "0.5", "1/8", "64", "--tasks", "ruler", "--context-lengths", "512", "1024", "--samples", "3",
         "--device", "cpu", "--dtype", "bfloat16", "--batch-size", "4", "--chunk-size", "none", "--output", "o",
     ])
     assert args.func.__name__ == "cmd_eval"
     cfg = config_from_args(args)
-    assert cfg.budgets == [0.5, 0.125, 64] and cfg.chunk_size is None and cfg.dtype == "bfloat16"
+    assert cfg.keep == [0.5, 0.125, 64] and cfg.chunk_size is None and cfg.dtype == "bfloat16"
     assert len(cfg.tasks) == 11 and cfg.seed == 1234 and cfg.batch_size == 4
     assert [s.label for s in cfg.method_specs()] == ["full", "snapkv", "gate"]
     assert cfg.method_specs()[2].checkpoint == "checkpoints/x/attention_gate"
@@ -436,7 +436,6 @@ def test_checkpoint_runs_are_keyed_by_weights_not_path(tmp_path):
     """A checkpoint retrained in place must not reuse (or be reported under) the old weights' cells."""
     from safetensors.torch import save_file
 
-    from trainkv.eval.runner import checkpoint_digest, parse_method
 
     ckpt = tmp_path / "gates"
     ckpt.mkdir()

@@ -454,11 +454,15 @@ def test_refuses_other_base_model(trained):
     assert "num_hidden_layers: 2 vs 3" in msg and "hidden_size: 64 vs 96" in msg
     assert "num_key_value_heads: 2 vs 3" in msg and "vocab_size" not in msg
     assert not hasattr(other, "trainkv_state")
-    # Same architecture under another name: loads, with a warning naming both.
+    # Same architecture under another name: refused naming both, unless allow_other_base (then a warning).
     same = tiny_llama(seed=3)
     same.config.trainkv_base_model = "test-org/same-shape-llama"
-    with pytest.warns(UserWarning, match="test-org/same-shape-llama"):
+    with pytest.raises(CheckpointError, match=r"trained for base model .*; the model is 'test-org/same-shape-llama'.*"
+                                              r"allow_other_base"):
         trainkv.load_gated(trained.ckpt, model=same)
+    assert not hasattr(same, "trainkv_state")
+    with pytest.warns(UserWarning, match="test-org/same-shape-llama"):
+        trainkv.load_gated(trained.ckpt, model=same, allow_other_base=True)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header", "tiny", "flipped"])

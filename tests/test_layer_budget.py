@@ -16,8 +16,10 @@ import torch
 
 import trainkv
 from runtime_helpers import make_tiny, random_ids
-from trainkv.allocation import check_allocation, weighted
-from trainkv.methods.layer_budget import LayerBudget, LayerBudgetConfig, evictable_mask, write_allocation_artifacts
+from trainkv.budgets import check_allocation, weighted
+from trainkv.hub.load import attach_with_base
+from trainkv.methods.layer_budget import LayerBudget, LayerBudgetConfig, evictable_mask, measure_allocation
+from trainkv.training.layer_budget import write_allocation_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 EVICTION = dict(budget=32, sink_tokens=4, recent_window=8, chunk_size=16)
@@ -87,7 +89,7 @@ def train_steps(model, steps: int, lr: float = 0.1, batch=None):
 def test_only_offsets_train_and_the_loss_decreases(ag_base, per_head):
     model = tiny()
     before_backbone = digest(backbone(model))
-    trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "target_keep": 0.3,
+    attach_with_base(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "target_keep": 0.3,
                            "per_head": per_head, "measure_from": 0.5}, trainkv.EvictionConfig(**EVICTION))
     mods = trainkv.method_modules(model)
     assert mods[0].config.base["train_chunk_size"] == 16  # the base's settings come from its checkpoint
@@ -122,7 +124,7 @@ def test_only_offsets_train_and_the_loss_decreases(ag_base, per_head):
 def test_locret_base_trains_scale_and_offset(tmp_path):
     base = save_base(tiny(), tmp_path / "locret", method="retaining_head")
     model = tiny()
-    trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": str(base), "target_keep": 0.25,
+    attach_with_base(model, {"method": "layer_budget", "base_checkpoint": str(base), "target_keep": 0.25,
                            **TRAIN_MASK}, trainkv.EvictionConfig(**EVICTION))
     mods = trainkv.method_modules(model)
     before_base = digest(base_weights(model))
@@ -151,7 +153,7 @@ def test_locret_base_trains_scale_and_offset(tmp_path):
 def test_runtime_with_uniform_budgets_keeps_what_the_base_keeps(ag_base):
     ids = random_ids(150, batch=2, seed=9)
     model = tiny()
-    trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "per_head": True},
+    attach_with_base(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "per_head": True},
                    trainkv.EvictionConfig(**EVICTION))
     with torch.no_grad():
         for m in trainkv.method_modules(model):
@@ -166,6 +168,11 @@ def test_runtime_with_uniform_budgets_keeps_what_the_base_keeps(ag_base):
 
 def test_missing_base_weights_are_refused(tmp_path):
     model = tiny()
+    with pytest.raises(trainkv.hub.CheckpointNotFoundError, match="nope"):
+        attach_with_base(model, {"method": "layer_budget", "base_checkpoint": str(tmp_path / "nope")},
+                         trainkv.EvictionConfig(**EVICTION))
+    assert not hasattr(model, "trainkv_state")
+    # trainkv.attach itself reads no checkpoint: the base has no weights until they are loaded
     trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": str(tmp_path / "nope")},
                    trainkv.EvictionConfig(**EVICTION))
     with pytest.raises(RuntimeError, match="base scorer has no weights"):
@@ -238,10 +245,8 @@ def test_shipped_recipe_configs_load(model_dir):
 
 
 def test_measure_allocation_without_training(ag_base):
-    from trainkv.methods.layer_budget import measure_allocation
-
     model = tiny()
-    trainkv.attach(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "per_head": True},
+    attach_with_base(model, {"method": "layer_budget", "base_checkpoint": str(ag_base), "per_head": True},
                    trainkv.EvictionConfig(**EVICTION))
     batches = [{"input_ids": random_ids(64, batch=2, seed=s), "attention_mask": torch.ones(2, 64, dtype=torch.long)}
                for s in (1, 2)]

@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import trainkv
-from trainkv.attach import attach, method_modules
+from trainkv.attach import attach
+from trainkv.methods import method_modules
 from trainkv.config import EvictionConfig
 from trainkv.methods import get_method, make_config
 from trainkv.methods.retaining_head import (

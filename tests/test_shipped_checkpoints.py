@@ -25,7 +25,7 @@ def test_shipped_checkpoint_reproduces_committed_samples(smollm, tmp_path, metho
     ckpt = ROOT / "checkpoints" / "smollm2-135m" / method
     committed = json.loads((ROOT / "results" / "smollm2" / "runs" / f"{method}__L1024__r0.125.json").read_text())
     assert committed["config"]["method"]["weights_sha256"] == file_sha256(ckpt / "model.safetensors")[:16]
-    config = SweepConfig(methods=[method], checkpoints={method: str(ckpt)}, budgets=[0.125], tasks=TASKS,
+    config = SweepConfig(methods=[method], checkpoints={method: str(ckpt)}, keep=[0.125], tasks=TASKS,
                          context_lengths=[1024], samples=1, seed=committed["config"]["seed"], output=str(tmp_path),
                          device="cpu", progress=False)
     Sweep(config, model=model, tokenizer=tok).run()

@@ -17,10 +17,10 @@ import torch.nn as nn
 from .attention import ATTN_NAME, register
 from .cache import EvictingCache
 from .config import EvictionConfig
-from .methods import MethodConfig, get_method, make_config
+from .hub.push import push_to_hub
+from .hub.save import save_gated
+from .methods import METHOD_ATTR, MethodConfig, get_method, make_config
 from .models import check_supported, decoder_layers
-
-METHOD_ATTR = "trainkv_method"
 
 
 @dataclass
@@ -70,12 +70,7 @@ class EvictingGenerationMixin:
                 raise NotImplementedError(f"{unsupported}: assisted decoding needs cache rollback, which eviction cannot do")
         cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
         if cache is None:
-            config = state.eviction
-            if isinstance(eviction, dict):
-                config = config.replace(**eviction)
-            elif eviction is not None:
-                config = eviction
-            cache = EvictingCache.for_model(self, config)
+            cache = self.new_cache(eviction)
         elif eviction is not None:
             raise ValueError("pass either a cache or eviction settings, not both")
         if isinstance(cache, EvictingCache):
@@ -88,23 +83,15 @@ class EvictingGenerationMixin:
 
     def save_pretrained(self, save_directory, eval_table: str | None = None, **kwargs):
         """Save the method's weights and settings (like a PEFT adapter), not the backbone."""
-        from .hub import save_gated
-
         return save_gated(self, save_directory, eval_table=eval_table)
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False, endpoint: str | None = None, **kwargs):
         """Push the method's checkpoint (weights, settings, model card) to a Hub repo."""
-        from .hub import push_to_hub
-
         return push_to_hub(self, repo_id, token=token, private=private, endpoint=endpoint, **kwargs)
 
     def new_cache(self, eviction: EvictionConfig | dict | None = None) -> EvictingCache:
-        config = self.trainkv_state.eviction
-        if isinstance(eviction, dict):
-            config = config.replace(**eviction)
-        elif eviction is not None:
-            config = eviction
-        return EvictingCache.for_model(self, config)
+        """An empty `EvictingCache` with the attached settings, changed by ``eviction`` (`EvictionConfig.merged`)."""
+        return EvictingCache.for_model(self, self.trainkv_state.eviction.merged(eviction))
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -133,7 +120,7 @@ def attach(
         raise ValueError("a trainkv method is already attached; call trainkv.detach(model) first")
     check_supported(model)
     method_config = make_config(method, **method_overrides)
-    eviction_config = EvictionConfig.from_dict(eviction) if isinstance(eviction, dict) else (eviction or EvictionConfig())
+    eviction_config = EvictionConfig().merged(eviction)
     method_cls = get_method(method_config.name)
     register()
     layers = decoder_layers(model)
@@ -174,17 +161,3 @@ def detach(model: nn.Module) -> nn.Module:
     model.set_attn_implementation(state.original_attn)
     del model.trainkv_state
     return model
-
-
-def method_modules(model: nn.Module) -> list[nn.Module]:
-    """The attached method module of each layer, in layer order."""
-    return [getattr(layer.self_attn, METHOD_ATTR) for layer in decoder_layers(model)]
-
-
-def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the method's parameters and buffers, keyed ``layers.{i}.{name}``."""
-    out = {}
-    for i, module in enumerate(method_modules(model)):
-        for name, tensor in module.state_dict().items():
-            out[f"layers.{i}.{name}"] = tensor
-    return out

@@ -16,6 +16,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .budgets import adaptive_head_counts
 from .methods.base import ScoreContext
 from .profiling import EVICT, SCORE, scope
 
@@ -99,8 +100,6 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
     if will_evict:
         threshold = config.threshold if config.mode == "threshold" else None
         if config.head_allocation == "adaptive":
-            from .allocation import adaptive_head_counts
-
             budgets = adaptive_head_counts(layer, budgets, config)  # [B, H] from the current scores
         with scope(EVICT):
             layer.evict(budgets, config.sink_tokens, config.recent_window, threshold)

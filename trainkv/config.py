@@ -5,13 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .budgets import SPELLINGS, parse_budget, ratio_entries, weighted_budgets
+
+#: Keys that older checkpoints saved and that mean nothing now (dropped on load).
+RETIRED_KEYS = ("seed",)
+
 
 @dataclass
 class EvictionConfig:
     """How much cache each (layer, KV head) may hold and which tokens are never evicted.
 
-    budget: entries kept per (layer, KV head). An ``int`` is an absolute number of entries; a ``float``
-        in (0, 1] is a keep ratio of the tokens seen so far (the cache then grows with the context).
+    budget: entries kept per (layer, KV head), in the budget language of `trainkv.budgets`: ``512`` entries, or a
+        ratio ``0.125`` / ``"1/8"`` of the tokens seen so far (the cache then grows with the context).
     sink_tokens: the first tokens of each sequence (attention sinks), always kept.
     recent_window: the most recent tokens, always kept.
     chunk_size: prefill chunk size (tokens per forward); eviction runs after each chunk.
@@ -23,7 +28,7 @@ class EvictionConfig:
     allocation_weights: optional relative shares ``[num_layers][num_kv_heads]`` of the total budget
         (``budget`` x layers x KV heads): per-(layer, head) budgets proportional to them, at least the
         protected tokens each, summing exactly to the total, for whatever ``budget`` is in effect (see
-        `trainkv.allocation.weighted`; learned by the ``layer_budget`` method). Ignored when
+        `trainkv.budgets.weighted`; learned by the ``layer_budget`` method). Ignored when
         ``layer_budgets`` or ``head_budgets`` is set.
     head_allocation: ``"fixed"`` (each head keeps its own budget) or ``"adaptive"`` (Ada-KV: at each
         eviction a layer keeps the sum of its heads' budgets, split across heads by a joint top-k of the
@@ -40,12 +45,13 @@ class EvictionConfig:
     threshold: float = 0.0
     layer_budgets: list[int] | None = None
     head_budgets: list[list[int]] | None = None
-    seed: int = 0
     allocation_weights: list[list[float]] | None = None
     head_allocation: str = "fixed"
     adaptive_floor: float = 0.2
 
     def __post_init__(self):
+        if isinstance(self.budget, str):
+            self.budget = parse_budget(self.budget)
         self.validate()
 
     @property
@@ -55,15 +61,18 @@ class EvictionConfig:
     def validate(self) -> None:
         if self.mode not in ("budget", "threshold"):
             raise ValueError(f"mode must be 'budget' or 'threshold', got {self.mode!r}")
-        if self.sink_tokens < 0 or self.recent_window < 0:
-            raise ValueError("sink_tokens and recent_window must be >= 0")
-        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+        for name in ("sink_tokens", "recent_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (tokens), got {value!r}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
+            raise ValueError(f"threshold must be a number (not NaN), got {self.threshold!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise TypeError(f"budget must be an int (entries) or a float keep ratio, got {self.budget!r}")
+            raise ValueError(f"budget: {self.budget!r} is not a budget; use {SPELLINGS}")
         if isinstance(self.budget, float):
-            if not 0.0 < self.budget <= 1.0:
-                raise ValueError(f"a float budget is a keep ratio in (0, 1], got {self.budget}")
+            parse_budget(self.budget)  # a ratio in (0, 1], else a clear error
         elif self.budget < self.protected:
             raise ValueError(
                 f"budget {self.budget} is smaller than the protected tokens (sink_tokens={self.sink_tokens} + "
@@ -96,15 +105,13 @@ class EvictionConfig:
         if self.layer_budgets is not None:
             return [self.layer_budgets[layer_idx]] * num_kv_heads
         if self.allocation_weights is not None:
-            from .allocation import weighted_budgets
-
-            per_head = self.budget if isinstance(self.budget, int) else max(self.protected, math.ceil(self.budget * tokens_seen))
+            per_head = self.budget if isinstance(self.budget, int) else ratio_entries(self.budget, tokens_seen, self.protected)
             row = weighted_budgets(self.allocation_weights, per_head, self.protected)[layer_idx]
             if len(row) != num_kv_heads:
                 raise ValueError(f"allocation_weights[{layer_idx}] has {len(row)} entries, the model has {num_kv_heads} KV heads")
             return list(row)
         if isinstance(self.budget, float):
-            return [max(self.protected, math.ceil(self.budget * tokens_seen))] * num_kv_heads
+            return [ratio_entries(self.budget, tokens_seen, self.protected)] * num_kv_heads
         return [self.budget] * num_kv_heads
 
     def to_dict(self) -> dict:
@@ -113,6 +120,7 @@ class EvictionConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "EvictionConfig":
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in RETIRED_KEYS}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown eviction settings {sorted(unknown)}; known: {sorted(known)}")
@@ -122,4 +130,17 @@ class EvictionConfig:
         data = self.to_dict()
         data.update(changes)
         return EvictionConfig.from_dict(data)
+
+    def merged(self, eviction: "EvictionConfig | dict | None" = None, **overrides) -> "EvictionConfig":
+        """These settings changed by ``eviction`` (an `EvictionConfig` replaces them, a dict overrides some fields,
+        None keeps them), then by ``overrides``: the one rule every entry point uses."""
+        if isinstance(eviction, EvictionConfig):
+            out = eviction
+        elif isinstance(eviction, dict):
+            out = self.replace(**eviction)
+        elif eviction is None:
+            out = self
+        else:
+            raise TypeError(f"eviction must be an EvictionConfig, a dict of its fields or None, got {type(eviction).__name__}")
+        return out.replace(**overrides) if overrides else out
 

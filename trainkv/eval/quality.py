@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from trainkv.data.haystack import PROSE_SOURCE, prose_text
-from trainkv.eval.runner import (
-    FULL, NO_EVICTION_BUDGET, SPLIT, MethodSpec, budget_label, device_name, eviction_settings, keep_ratio, now,
-    package_versions, resolve_budget, sanitize, write_json,
+from trainkv.eval.records import device_name, now, package_versions, write_json
+from trainkv.eval.spec import (
+    FULL, NO_EVICTION_BUDGET, SPLIT, MethodSpec, budget_label, eviction_settings, keep_entries, keep_ratio, sanitize,
 )
 
 QUALITY_SCHEMA = "trainkv.eval.quality/1"
@@ -127,8 +128,6 @@ def quality_path(out: Path, spec: MethodSpec, length: int, budget) -> Path:
 
 def run_quality(sweep) -> list[Path]:
     """KL / perplexity for every method x budget x context length of a :class:`~trainkv.eval.runner.Sweep`."""
-    from tqdm.auto import tqdm
-
     c = sweep.config
     tok = sweep.tokenizer
     written: list[Path] = []
@@ -136,7 +135,7 @@ def run_quality(sweep) -> list[Path]:
     plan: dict[MethodSpec, list[tuple[int, Any, Path, dict]]] = {}
     for spec in c.method_specs():
         for length in c.context_lengths:
-            for budget in ([None] if spec.is_full else c.budgets):
+            for budget in ([None] if spec.is_full else c.keep):
                 path = quality_path(sweep.out, spec, length, budget)
                 config = quality_config(sweep, spec, length, budget, len(segments[length]))
                 if not c.overwrite and path.exists():
@@ -206,7 +205,7 @@ def quality_config(sweep, spec: MethodSpec, length: int, budget, n_segments: int
         budget_info = {"spec": None, "label": FULL, "entries": None, "keep_ratio": 1.0}
         start = 0
     else:
-        entries = resolve_budget(budget, length)
+        entries = keep_entries(budget, length)
         eviction = eviction_settings(entries, c.kl_chunk_size, c.sink_tokens, sweep.recent_window(spec, entries))
         budget_info = {"spec": budget, "label": budget_label(budget), "entries": entries,
                        "keep_ratio": keep_ratio(budget, length)}

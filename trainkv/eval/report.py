@@ -19,6 +19,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable
 
+from trainkv.methods import get_method
+
 FULL = "full"
 
 
@@ -262,8 +264,6 @@ def _pyplot():
 
 
 def _is_training_free(label: str) -> bool:
-    from trainkv.methods import get_method
-
     try:
         return not get_method(label.split(":", 1)[0]).trainable
     except (KeyError, ValueError):

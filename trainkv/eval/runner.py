@@ -39,185 +39,36 @@ templates, vocabularies and haystack text are disjoint from these).
 
 from __future__ import annotations
 
-import datetime as _dt
-import functools
-import hashlib
 import json
-import math
-import os
-import platform
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from trainkv.attach import attach, detach
+from trainkv.config import EvictionConfig
 from trainkv.data.sample import Sample
+from trainkv.data.tasks import generate_samples
+from trainkv.data.tasks._base import tokenizer_name
+from trainkv.eval import report
 from trainkv.eval.metrics import METRICS
 from trainkv.eval.prompts import SEPARATOR, Prompt, build_prompt
+from trainkv.eval.quality import run_quality
+from trainkv.eval.records import aggregate, device_name, now, package_versions, samples_digest, write_json
+from trainkv.eval.spec import (
+    DEFAULT_SEED, DTYPES, FULL, NO_EVICTION_BUDGET, SPLIT, MethodSpec, budget_label, eviction_settings, expand_tasks,
+    keep_entries, keep_ratio, parse_keep, parse_method, sanitize,
+)
+from trainkv.hub.format import read_config
+from trainkv.hub.load import checkpoint_method_config, load_gated
+from trainkv.hub.resolve import resolve_checkpoint
+from trainkv.methods import make_config
+from trainkv.models import load_model, load_tokenizer
 
-#: Default seed of the evaluation samples. Training draws from ``split="train"`` (other seeds,
-#: templates and haystacks); never pass ``split="train"`` data to an evaluation.
-DEFAULT_SEED = 1234
-SPLIT = "eval"
-FULL = "full"
 SCHEMA = "trainkv.eval.run/1"
-DEFAULT_SINK_TOKENS = 4
-MAX_RECENT_WINDOW = 32
-NO_EVICTION_BUDGET = 2**31 - 1
-
-
-# ---------------------------------------------------------------------------------------------------------
-# budgets and protected tokens
-# ---------------------------------------------------------------------------------------------------------
-def parse_budget(text: str | int | float) -> int | float:
-    """``"0.125"`` -> keep ratio 0.125; ``"64"`` -> 64 entries. Ratios must lie in (0, 1]."""
-    if isinstance(text, bool):
-        raise TypeError("a budget is a keep ratio or a number of entries")
-    if isinstance(text, (int, float)):
-        value = text
-    else:
-        s = text.strip()
-        if "/" in s:  # "1/8"
-            num, den = s.split("/", 1)
-            value = float(num) / float(den)
-        elif re.fullmatch(r"\d+", s):
-            value = int(s)
-        else:
-            value = float(s)
-    if isinstance(value, float):
-        if value.is_integer() and value > 1:
-            return int(value)
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"a keep ratio must lie in (0, 1], got {value}")
-        return value
-    if value < 1:
-        raise ValueError(f"an absolute budget must be >= 1 entry, got {value}")
-    return int(value)
-
-
-def resolve_budget(budget: int | float, context_length: int) -> int:
-    """Entries per (layer, KV head): ``round(ratio * context_length)`` for a ratio, the int otherwise."""
-    if isinstance(budget, float):
-        return max(1, int(round(budget * context_length)))
-    return int(budget)
-
-
-def keep_ratio(budget: int | float, context_length: int) -> float:
-    """The keep ratio a budget stands for at ``context_length`` (x axis of the plots)."""
-    return float(budget) if isinstance(budget, float) else budget / context_length
-
-
-def budget_label(budget: int | float | None) -> str:
-    """Stable text for file names and table columns: ``r0.125`` (ratio), ``n64`` (entries), ``full``."""
-    if budget is None:
-        return FULL
-    if isinstance(budget, float):
-        return f"r{budget:g}"
-    return f"n{int(budget)}"
-
-
-def protected_tokens(budget: int, sink_tokens: int | None = None, recent_window: int | None = None) -> tuple[int, int]:
-    """``(sink_tokens, recent_window)`` for a budget: 4 sinks and ``min(32, budget // 4)`` recent tokens.
-
-    Explicit values win. Sinks shrink (and the window to 0) when the budget cannot hold them.
-    """
-    sink = DEFAULT_SINK_TOKENS if sink_tokens is None else int(sink_tokens)
-    recent = min(MAX_RECENT_WINDOW, budget // 4) if recent_window is None else int(recent_window)
-    sink = min(sink, budget)
-    recent = max(0, min(recent, budget - sink))
-    return sink, recent
-
-
-def eviction_settings(
-    budget: int, chunk_size: int | None, sink_tokens: int | None = None, recent_window: int | None = None,
-) -> dict[str, Any]:
-    """The ``EvictionConfig`` fields a run uses (passed as overrides to ``model.new_cache``)."""
-    sink, recent = protected_tokens(budget, sink_tokens, recent_window)
-    return {
-        "budget": int(budget), "sink_tokens": sink, "recent_window": recent,
-        "chunk_size": int(chunk_size) if chunk_size else NO_EVICTION_BUDGET,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# methods
-# ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MethodSpec:
-    """One row of the sweep: ``full``, a training-free method (with optional settings) or a checkpoint.
-
-    ``label`` is what tables and file names show: ``snapkv``, ``snapkv:window_size=64`` or the
-    ``NAME`` of ``--checkpoint NAME=PATH``.
-    """
-
-    label: str
-    method: str
-    overrides: tuple[tuple[str, Any], ...] = ()
-    checkpoint: str | None = None
-
-    @property
-    def is_full(self) -> bool:
-        return self.method == FULL
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"label": self.label, "method": self.method, "overrides": dict(self.overrides), "checkpoint": self.checkpoint}
-        if self.checkpoint is not None:
-            # the weights, not the path, identify a trained method: a run made with other weights at the same
-            # path must not count as done (resume) or be reported under these
-            out["weights_sha256"] = checkpoint_digest(self.checkpoint)
-        return out
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    from trainkv.hub.format import file_sha256
-
-    return file_sha256(Path(path))[:16]
-
-
-def checkpoint_digest(checkpoint: str) -> str | None:
-    """First 16 hex digits of the sha256 of a local checkpoint's ``model.safetensors`` (None for Hub ids / aliases)."""
-    weights = Path(checkpoint) / "model.safetensors"
-    if not weights.is_file():
-        return None
-    st = weights.stat()
-    return _file_digest(str(weights), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_method(text: str, checkpoints: dict[str, str] | None = None) -> MethodSpec:
-    """``full`` | ``snapkv`` | ``snapkv:window_size=64,kernel_size=7`` | a ``--checkpoint`` name."""
-    checkpoints = checkpoints or {}
-    if text in checkpoints:
-        return MethodSpec(text, text, (), checkpoints[text])
-    name, _, rest = text.partition(":")
-    if name == FULL:
-        return MethodSpec(FULL, FULL)
-    from trainkv.methods import get_method
-
-    cls = get_method(name)  # raises on unknown names
-    if cls.trainable:
-        raise ValueError(f"{name} is trainable: give its weights with --checkpoint {name}=PATH")
-    overrides = []
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"method settings are KEY=VALUE, got {item!r} in {text!r}")
-        overrides.append((key.strip(), _parse_value(value.strip())))
-    return MethodSpec(text, name, tuple(overrides))
-
-
-def sanitize(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", label).strip("-") or "method"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,7 +237,7 @@ class SweepConfig:
     model: str = "smollm2-135m"
     methods: list[str] = field(default_factory=lambda: [FULL, "snapkv", "streaming_llm"])
     checkpoints: dict[str, str] = field(default_factory=dict)
-    budgets: list[int | float] = field(default_factory=lambda: [0.5, 0.25, 0.125, 0.0625])
+    keep: list[int | float] = field(default_factory=lambda: [0.5, 0.25, 0.125, 0.0625])  # see trainkv.eval.spec
     tasks: list[str] = field(default_factory=lambda: ["niah_single_1"])
     context_lengths: list[int] = field(default_factory=lambda: [512])
     samples: int = 5
@@ -408,7 +259,7 @@ class SweepConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.budgets = [parse_budget(b) for b in self.budgets]
+        self.keep = [parse_keep(b) for b in self.keep]
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype not in DTYPES:
@@ -422,61 +273,18 @@ class SweepConfig:
         return [parse_method(m, self.checkpoints) for m in self.methods]
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def expand_tasks(tasks: Iterable[str]) -> list[str]:
-    """Task names; ``ruler`` stands for RULER's 11 offline tasks, ``all`` for every registered task."""
-    from trainkv.data.tasks import RULER_TASKS, TASKS
-
-    out: list[str] = []
-    for t in tasks:
-        if t == "ruler":
-            out.extend(RULER_TASKS)
-        elif t == "all":
-            out.extend(TASKS)
-        elif t in TASKS:
-            out.append(t)
-        else:
-            raise ValueError(f"unknown task {t!r}; known: ruler, all, {', '.join(sorted(TASKS))}")
-    return list(dict.fromkeys(out))
 
 
-def package_versions() -> dict[str, str]:
-    import transformers
-
-    import trainkv
-
-    return {
-        "trainkv": trainkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
-def device_name(device: str | torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def samples_digest(samples: Sequence[Sample]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(json.dumps(s.to_kvpress_row(), sort_keys=True).encode())
-    return h.hexdigest()[:16]
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic write (a killed sweep never leaves half a file that resuming would trust)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 #: Config keys that must agree for an existing run file to count as done (batch size and device do
@@ -500,24 +308,18 @@ class Sweep:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from trainkv.models import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.config.model)
         return self._tokenizer
 
     @property
     def model(self):
         if self._model is None:
-            from trainkv.models import load_model
-
             self._model = load_model(self.config.model, dtype=DTYPES[self.config.dtype], device=self.config.device)
         if self._model.generation_config.pad_token_id is None:
             self._model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         return self._model
 
     def samples(self, context_length: int) -> list[Sample]:
-        from trainkv.data.tasks import generate_samples
-
         if context_length not in self._samples:
             out: list[Sample] = []
             for task in self.config.tasks:
@@ -528,16 +330,12 @@ class Sweep:
 
     # --- method attach / detach -------------------------------------------------------------------
     def attach(self, spec: MethodSpec):
-        import trainkv
-
         model = self.model
         base = {"budget": NO_EVICTION_BUDGET, "chunk_size": self.config.chunk_size or NO_EVICTION_BUDGET}
         if spec.checkpoint is not None:
-            from trainkv.hub import load_gated  # lazy: the hub module is optional for training-free sweeps
-
             return load_gated(spec.checkpoint, model=model, **base)
         method = "streaming_llm" if spec.is_full else spec.method
-        return trainkv.attach(model, method, trainkv.EvictionConfig(**base), **dict(spec.overrides))
+        return attach(model, method, EvictionConfig(**base), **dict(spec.overrides))
 
     def recent_window(self, spec: MethodSpec, entries: int) -> int | None:
         """The recent window of a run: ``--recent-window`` if given, else what the method asks for at this budget
@@ -548,12 +346,7 @@ class Sweep:
         if spec.is_full:
             return None
         if spec not in self._method_configs:
-            from trainkv.methods import make_config
-
             if spec.checkpoint is not None:
-                from trainkv.hub.format import read_config
-                from trainkv.hub.load import checkpoint_method_config, resolve_checkpoint
-
                 directory = resolve_checkpoint(spec.checkpoint)
                 self._method_configs[spec] = checkpoint_method_config(read_config(directory), spec.checkpoint)
             else:
@@ -574,7 +367,7 @@ class Sweep:
             entries, eviction = None, None
             budget_info = {"spec": None, "label": FULL, "entries": None, "keep_ratio": 1.0}
         else:
-            entries = resolve_budget(budget, context_length)
+            entries = keep_entries(budget, context_length)
             eviction = eviction_settings(entries, c.chunk_size, c.sink_tokens, self.recent_window(spec, entries))
             budget_info = {"spec": budget, "label": budget_label(budget), "entries": entries,
                            "keep_ratio": keep_ratio(budget, context_length)}
@@ -639,15 +432,11 @@ class Sweep:
         out = []
         for spec in self.config.method_specs():
             for length in self.config.context_lengths:
-                for budget in ([None] if spec.is_full else self.config.budgets):
+                for budget in ([None] if spec.is_full else self.config.keep):
                     out.append((spec, length, budget))
         return out
 
     def run(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
-        from trainkv.eval import report
-
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -681,8 +470,6 @@ class Sweep:
                     self._detach(model)
             bar.close()
         if c.kl:
-            from trainkv.eval.quality import run_quality
-
             run_quality(self)
         return report.write_report(self.out, selector=self.selector())
 
@@ -694,16 +481,12 @@ class Sweep:
 
     @staticmethod
     def _detach(model) -> None:
-        import trainkv
-
         if hasattr(model, "trainkv_state"):
-            trainkv.detach(model)
+            detach(model)
 
 
 def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], tokenizer, device, seconds: float) -> dict:
     """The JSON of one run: config, per-sample results, aggregates, provenance."""
-    from trainkv.data.tasks._base import tokenizer_name
-
     return {
         "schema": SCHEMA,
         "kind": "tasks",
@@ -721,24 +504,9 @@ def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], token
     }
 
 
-def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean score over all samples (0-100), per task, and the mean measured compression."""
-    if not results:
-        return {"score": math.nan, "n": 0, "per_task": {}, "compression_mean": math.nan}
-    per_task: dict[str, list[float]] = {}
-    for r in results:
-        per_task.setdefault(r["task"], []).append(r["score"])
-    return {
-        "score": sum(r["score"] for r in results) / len(results),
-        "n": len(results),
-        "per_task": {t: sum(v) / len(v) for t, v in per_task.items()},
-        "compression_mean": sum(r["compression"] for r in results) / len(results),
-        "context_tokens_mean": sum(r["context_tokens"] for r in results) / len(results),
-    }
 
 
 __all__ = [
-    "DEFAULT_SEED", "FULL", "MethodSpec", "Sweep", "SweepConfig", "aggregate", "budget_label", "chunk_bounds",
-    "compression_of", "evaluate_samples", "eviction_settings", "expand_tasks", "keep_ratio", "parse_budget",
-    "parse_method", "protected_tokens", "resolve_budget", "run_batch",
+    "DEFAULT_SEED", "FULL", "Sweep", "SweepConfig", "chunk_bounds", "compression_of", "evaluate_samples",
+    "make_run_record", "run_batch",
 ]

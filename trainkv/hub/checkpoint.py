@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
 
+from .resolve import is_repo_id, resolve_checkpoint
 from .format import (
     CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_files, file_sha256, read_config, read_weights,
 )
-
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -49,10 +47,6 @@ Written by trainkv {{ trainkv_version }}, checkpoint format {{ format_version }}
 {{ eval_table }}
 {% endif %}
 """
-
-
-def is_repo_id(name: str) -> bool:
-    return bool(REPO_ID_RE.match(name)) and ".." not in name
 
 
 class GateCheckpoint(
@@ -138,14 +132,12 @@ class GateCheckpoint(
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False, token=None,
                         cache_dir=None, local_files_only: bool = False, revision: str | None = None,
                         endpoint: str | None = None) -> "GateCheckpoint":
-        """Read a checkpoint from an alias, a local directory or a Hub repo id (see `trainkv.hub.load`).
+        """Read a checkpoint from an alias, a local directory or a Hub repo id (see `trainkv.hub.resolve`).
 
         Overrides `ModelHubMixin.from_pretrained`, which would read ``config.json`` from the default
         endpoint before any check: here the files are resolved first (``endpoint`` respected, offline
         mode honoured), then checked, and only ``model.safetensors`` is ever read as weights.
         """
-        from .load import resolve_checkpoint
-
         directory = resolve_checkpoint(
             pretrained_model_name_or_path, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
             local_files_only=local_files_only, force_download=force_download,

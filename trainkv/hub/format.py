@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -115,8 +117,6 @@ def check_files(directory: Path) -> None:
 
 def read_config(directory: Path) -> dict:
     """Read and check ``config.json``: valid JSON, a trainkv checkpoint, a format this version reads."""
-    from .. import __version__
-
     path = directory / CONFIG_NAME
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

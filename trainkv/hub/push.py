@@ -9,9 +9,12 @@ import tempfile
 from pathlib import Path
 
 import torch.nn as nn
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from .checkpoint import GateCheckpoint
 from .format import CHECKPOINT_FILES, CheckpointError, CheckpointNotFoundError
+from .save import save_gated
 
 
 def push_to_hub(path_or_model: str | os.PathLike | nn.Module, repo_id: str, token: str | None = None,
@@ -24,11 +27,7 @@ def push_to_hub(path_or_model: str | os.PathLike | nn.Module, repo_id: str, toke
     repo ``repo_id`` (created if needed). ``endpoint`` overrides ``HF_ENDPOINT``. Returns huggingface_hub's
     `CommitInfo` (``.commit_url``, ``.oid``, ``.repo_url``).
     """
-    from huggingface_hub import HfApi
-
     if isinstance(path_or_model, nn.Module):
-        from .save import save_gated
-
         with tempfile.TemporaryDirectory(prefix="trainkv-push-") as tmp:
             folder = save_gated(path_or_model, Path(tmp) / "checkpoint", eval_table=eval_table, repo_id=repo_id)
             return push_to_hub(folder, repo_id, token=token, private=private, endpoint=endpoint, revision=revision,
@@ -73,8 +72,6 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
 
 def push_cli(args: argparse.Namespace) -> int:
     """``trainkv push <checkpoint_dir> <repo_id>``: prints the commit URL, returns the exit status."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         info = push_to_hub(
             args.checkpoint_dir, args.repo_id, token=args.token, private=args.private, endpoint=args.endpoint,

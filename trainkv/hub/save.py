@@ -6,7 +6,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from peft import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 
+from .._version import __version__
+from ..methods.base import method_state_dict
 from .checkpoint import GateCheckpoint
 from .format import (
     FORMAT_VERSION, LORA_PREFIX, base_model_name, base_revision, base_shape, config_hash, to_jsonable,
@@ -14,10 +18,6 @@ from .format import (
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
@@ -25,8 +25,6 @@ def lora_state(model: nn.Module) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """The peft LoRA config (JSON-ready) and tensors (keys under ``lora.``) of a model, or ``(None, {})``."""
     if not _lora_layers(model):
         return None, {}
-    from peft import get_peft_model_state_dict
-
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
         raise ValueError("the model has LoRA layers but no peft_config; inject them with peft.inject_adapter_in_model")
@@ -40,8 +38,6 @@ def lora_state(model: nn.Module) -> tuple[dict | None, dict[str, torch.Tensor]]:
 
 def checkpoint_config(model: nn.Module) -> dict:
     """The ``config.json`` dict of a model with an attached method (without ``weights_sha256``)."""
-    from .. import __version__
-
     state = getattr(model, "trainkv_state", None)
     if state is None:
         raise ValueError("no trainkv method is attached to this model; call trainkv.attach first")
@@ -65,8 +61,6 @@ def checkpoint_config(model: nn.Module) -> dict:
 
 def to_checkpoint(model: nn.Module, eval_table: str | None = None, card_name: str | None = None) -> GateCheckpoint:
     """A `GateCheckpoint` of a model's attached method (and LoRA): config and tensors, in memory."""
-    from ..attach import method_state_dict
-
     config = checkpoint_config(model)
     tensors = dict(method_state_dict(model))
     lora_config, lora_tensors = lora_state(model)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import EvictionMethod, MethodConfig, ScoreContext
+from .base import EvictionMethod, MethodConfig, ScoreContext, method_modules
 from .gate_runtime import gate_scores, run_gate
 from .window_attention import window_attention, window_mask
 
@@ -171,8 +171,6 @@ class AttentionGate(EvictionMethod):
 
     @classmethod
     def training_loss(cls, model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-        from ..attach import method_modules
-
         gates = method_modules(model)
         cfg: AttentionGateConfig = gates[0].config
         loss, logs = distillation_loss(model, gates, batch, cfg.loss, cfg.kl_reduction)

@@ -1,4 +1,5 @@
-"""The interface every eviction method implements, and what the runtime hands it at each step."""
+"""The interface every eviction method implements, what the runtime hands it at each step, and where an
+attached method's modules live on a model (``self_attn.trainkv_method`` of every decoder layer)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+
+from ..cache import EvictingLayer
+from ..models import decoder_layers
+
+#: Attribute of each attention module that holds its layer's method module (set by `trainkv.attach`).
+METHOD_ATTR = "trainkv_method"
 
 
 @dataclass
@@ -42,7 +49,7 @@ class ScoreContext:
     """
 
     module: nn.Module  # the attention module (q_proj, k_proj, ..., config, layer_idx)
-    layer: "EvictingLayer"  # noqa: F821  (trainkv.cache)
+    layer: EvictingLayer
     hidden_states: torch.Tensor | None  # [B, c, hidden] input of the attention module
     query: torch.Tensor  # [B, Hq, c, D] after RoPE
     scaling: float
@@ -110,3 +117,17 @@ class EvictionMethod(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, config={self.config}"
+
+
+def method_modules(model: nn.Module) -> list[EvictionMethod]:
+    """The attached method module of each layer, in layer order."""
+    return [getattr(layer.self_attn, METHOD_ATTR) for layer in decoder_layers(model)]
+
+
+def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the method's parameters and buffers, keyed ``layers.{i}.{name}``."""
+    out = {}
+    for i, module in enumerate(method_modules(model)):
+        for name, tensor in module.state_dict().items():
+            out[f"layers.{i}.{name}"] = tensor
+    return out

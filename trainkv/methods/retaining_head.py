@@ -97,7 +97,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from .base import EvictionMethod, MethodConfig, ScoreContext
+from ..config import EvictionConfig
+from .base import EvictionMethod, MethodConfig, ScoreContext, method_modules
 
 ANSWER_REGIONS = ("auto", "labels", "tail", "all")
 TARGETS = ("logit", "log_attention")
@@ -184,8 +185,6 @@ class RetainingHeadConfig(MethodConfig):
         """The runtime settings of Locret's inference loop: budget mode, ``recent_window`` =
         ``max(stabilizers, final_tokens)``, no eviction while decoding. A fraction ``stabilizers`` needs an
         absolute (``int``) budget."""
-        from ..config import EvictionConfig
-
         if isinstance(budget, float) and isinstance(self.stabilizers, float):
             raise ValueError(
                 f"retaining_head: stabilizers={self.stabilizers} is a fraction of the budget, but budget={budget} "
@@ -358,8 +357,6 @@ class RetainingHead(EvictionMethod):
 
     @classmethod
     def training_loss(cls, model, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-        from ..attach import method_modules
-
         heads = method_modules(model)
         cfg: RetainingHeadConfig = heads[0].config
         input_ids = batch["input_ids"]

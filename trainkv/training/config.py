@@ -22,6 +22,9 @@ from typing import Any, Union
 
 import yaml
 
+from ..config import EvictionConfig
+from ..methods import get_method, make_config
+
 
 class ConfigError(ValueError):
     """A training configuration that cannot be used (unknown key, wrong type, bad value)."""
@@ -247,8 +250,6 @@ class TrainConfig:
         if self.lora is not None:
             self.lora.validate()
         if self.eviction:
-            from ..config import EvictionConfig
-
             try:
                 EvictionConfig.from_dict(self.eviction)
             except (TypeError, ValueError) as err:
@@ -257,8 +258,6 @@ class TrainConfig:
 
     def check_method(self) -> None:
         """Check that the method is registered, trainable, and accepts its settings (after `imports`)."""
-        from ..methods import get_method, make_config
-
         import_modules(self.imports)
         try:
             cls = get_method(self.method["method"])

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import tasks as task_mod
+from ..data.haystack import prose_paragraphs, prose_text
 from .config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -57,14 +59,10 @@ def default_context_tokens(cfg: DataConfig) -> list[int]:
 
 def synthetic_samples(cfg: DataConfig, tokenizer, seed: int) -> list:
     """Samples of the synthetic tasks' TRAIN split: ``num_samples`` spread evenly over tasks and lengths."""
-    try:
-        from trainkv.data import tasks as task_mod
-    except ImportError as err:  # pragma: no cover - the generators ship with trainkv
-        raise ConfigError(f"data.source=builtin needs the synthetic task generators (trainkv.data.tasks): {err}") from None
-    names = list(cfg.tasks) if cfg.tasks else list(getattr(task_mod, "TASKS", {}))
+    names = list(cfg.tasks) if cfg.tasks else list(task_mod.TASKS)
     if not names:
         raise ConfigError("data.tasks is empty and trainkv.data.tasks lists no tasks")
-    known = getattr(task_mod, "TASKS", None)
+    known = task_mod.TASKS
     if known is not None:
         unknown = [t for t in names if t not in known]
         if unknown:
@@ -107,8 +105,6 @@ def _builtin_rows(cfg: DataConfig, tokenizer, seed: int) -> list[dict]:
         raise ConfigError(f"data.source {cfg.source!r}: use builtin, builtin:prose or builtin:tasks")
     rows: list[dict] = []
     if cfg.format == "cpt" and kind in ("all", "prose") and (cfg.prose or kind == "prose"):
-        from trainkv.data.haystack import prose_paragraphs
-
         _check_train_split(TRAIN_SPLIT)
         paragraphs = prose_paragraphs(TRAIN_SPLIT)
         # one document per group of paragraphs (~4 KB of text), so blocks shuffle at a useful grain
@@ -136,8 +132,6 @@ def _builtin_rows(cfg: DataConfig, tokenizer, seed: int) -> list[dict]:
 
 def prose_windows(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
     """``n`` windows of ``length`` tokens of the TRAIN-half prose at seeded random offsets (sft mixing)."""
-    from trainkv.data.haystack import prose_text
-
     _check_train_split(TRAIN_SPLIT)
     ids = _encode(tokenizer, [prose_text(TRAIN_SPLIT)])[0]
     if len(ids) <= length:

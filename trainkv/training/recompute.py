@@ -22,6 +22,8 @@ import contextlib
 
 import torch.nn as nn
 
+from ..methods.base import EvictionMethod, method_modules
+
 _MODULE_KEYS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (training, _parameters, hooks, ...)
 
 
@@ -68,9 +70,6 @@ def replay_context_fn(modules: list[nn.Module]):
 
 def stateful_modules(model: nn.Module) -> list[nn.Module]:
     """Every eviction-method module on the model, nested ones included (e.g. layer_budget's base scorer)."""
-    from ..attach import method_modules
-    from ..methods.base import EvictionMethod
-
     return [sub for top in method_modules(model) for sub in top.modules() if isinstance(sub, EvictionMethod)]
 
 

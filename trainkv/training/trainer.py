@@ -46,6 +46,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..hub.load import attach_with_base
+from ..hub.format import LORA_PREFIX
+from ..hub.save import to_checkpoint
+from ..methods import METHOD_ATTR, get_method, method_modules
+from ..models import load_model, load_tokenizer
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import BatchPlan, SampleOrder, build_dataset, get_batch
@@ -130,8 +135,6 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, device) -> nn.Module:
         digest = hashlib.sha256(json.dumps(cfg.model_config, sort_keys=True).encode()).hexdigest()[:12]
         model.config.trainkv_base_model = f"random-{model_type}-{digest}"
         return model.to(device).eval()
-    from ..models import load_model
-
     return load_model(cfg.model, dtype=dtype, device=device)
 
 
@@ -141,14 +144,12 @@ def _is_lora(name: str) -> bool:
 
 def setup_trainable(model: nn.Module, cfg: TrainConfig, upcast: bool) -> list[tuple[str, nn.Parameter]]:
     """Attach the method (freezing the backbone), inject LoRA, and return the trainable (name, parameter) pairs."""
-    from ..attach import METHOD_ATTR, attach, method_modules
-
     if hasattr(model, "trainkv_state"):
         if model.trainkv_state.method.name != cfg.method["method"]:
             raise ConfigError(f"the given model carries method {model.trainkv_state.method.name!r}, the config asks "
                               f"for {cfg.method['method']!r}")
     else:
-        attach(model, dict(cfg.method), eviction=dict(cfg.eviction) if cfg.eviction else None)
+        attach_with_base(model, dict(cfg.method), eviction=dict(cfg.eviction) if cfg.eviction else None)
     if not getattr(model.config, "trainkv_base_model", None):
         model.config.trainkv_base_model = getattr(model.config, "_name_or_path", None) or cfg.model
     if cfg.lora is not None:
@@ -392,9 +393,6 @@ def _master_tensors(unwrapped: nn.Module, named, weights: dict[str, torch.Tensor
     optimizer holds, as a single-process run does. Method tensors are ``layers.{i}.{name}``, LoRA ones
     ``lora.{peft name}`` (the parameter's name without the adapter name).
     """
-    from ..attach import method_modules
-    from ..hub.format import LORA_PREFIX
-
     by_id = {id(p): n for n, p in named}
     out = {}
     for i, module in enumerate(method_modules(unwrapped)):
@@ -415,8 +413,6 @@ def _master_tensors(unwrapped: nn.Module, named, weights: dict[str, torch.Tensor
 def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, torch.Tensor], final_dir: Path) -> None:
     """Write the method (+ LoRA) to ``final_dir`` as a gate checkpoint (`trainkv.hub`), with the fp32 master values
     of the trained tensors; written to a temporary folder and renamed into place."""
-    from ..hub.save import to_checkpoint
-
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
     with _gathered(accelerator, [p for _, p in named]):
         if accelerator.is_main_process:
@@ -451,8 +447,6 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-
-    from ..methods import get_method
 
     cfg.validate()
     cfg.check_method()
@@ -499,8 +493,6 @@ def train(
 
     # --- tokenizer, data ---
     if tokenizer is None and dataset is None and (cfg.tokenizer or cfg.model_config is None):
-        from ..models import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     if dataset is None:
         with accelerator.main_process_first():

@@ -2,11 +2,15 @@
 
 Examples::
 
-    trainkv eval --model smollm2-135m --methods full snapkv streaming_llm tova --budgets 0.5 0.25 0.125 0.0625 \\
+    trainkv eval --model smollm2-135m --methods full snapkv streaming_llm tova --keep 1/2 1/4 1/8 1/16 \\
         --tasks ruler --context-lengths 512 1024 2048 --samples 5 --output results/smollm2-baseline
     trainkv eval --methods full attention_gate --checkpoint attention_gate=checkpoints/smollm2-135m/attention_gate ...
-    trainkv eval --kl-only --methods full snapkv --budgets 0.25 0.125 --context-lengths 1024 --output results/kl
+    trainkv eval --kl-only --methods full snapkv --keep 1/4 1/8 --context-lengths 1024 --output results/kl
     trainkv eval --report-only --output results/smollm2-baseline      # rebuild summary.md / plots
+
+--keep: a ratio (1/8 or 0.125) is a share of each run's context length, fixed as round(r x length) entries per
+(layer, KV head) for every sample of the run; an integer is entries. (The run-time --budget of ``trainkv generate``
+takes a ratio of the tokens seen so far instead: hence the other name.)
 
 See ``trainkv.eval.runner`` for the protocol (query-agnostic chunked prefill with eviction, question
 appended uncompressed, greedy decoding) and ``trainkv.eval.quality`` for KL / perplexity.
@@ -16,21 +20,21 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ..budgets import SPELLINGS
+from ..eval import report
+from ..eval.runner import Sweep, SweepConfig
+from ..eval.spec import DEFAULT_SEED, FULL, parse_keep
+from ..methods import TRAINING_FREE
+from .args import CLIError, flag_type, positive_int
+
 
 def _checkpoint(text: str) -> tuple[str, str]:
     name, eq, path = text.partition("=")
     if not eq or not name or not path:
         raise argparse.ArgumentTypeError(f"--checkpoint takes NAME=PATH, got {text!r}")
     return name, path
-
-
-def _budget(text: str):
-    from trainkv.eval.runner import parse_budget
-
-    try:
-        return parse_budget(text)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _chunk(text: str) -> int | None:
@@ -44,8 +48,6 @@ def _chunk(text: str) -> int | None:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``eval`` sub-command on ``trainkv``'s sub-parsers."""
-    from trainkv.eval.runner import DEFAULT_SEED
-
     p = subparsers.add_parser(
         "eval", help="budget sweeps over methods x budgets x tasks x context lengths (JSON, table, plot)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,18 +59,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", dest="methods_single", default=None, help="a single method (same as --methods M)")
     p.add_argument("--checkpoint", action="append", type=_checkpoint, default=[], metavar="NAME=PATH",
                    help="a trained gate checkpoint (path, alias or Hub repo) evaluated as method NAME; repeatable")
-    p.add_argument("--budgets", nargs="+", type=_budget, default=None,
-                   help="keep ratios in (0, 1) (e.g. 0.125 or 1/8) or absolute entries per layer and KV head "
-                        "(default: 0.5 0.25 0.125 0.0625)")
-    p.add_argument("--budget", dest="budget_single", type=_budget, default=None, help="a single budget")
+    keep = flag_type("--keep", parse_keep, SPELLINGS)
+    p.add_argument("--keep", nargs="+", type=keep, default=None,
+                   help="ratios of the context length (0.125 or 1/8) or entries per (layer, KV head) (512) "
+                        "(default: 1/2 1/4 1/8 1/16)")
+    p.add_argument("--budgets", "--budget", dest="old_budgets", nargs="+", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tasks", nargs="+", default=["ruler"],
                    help="task names; 'ruler' = RULER's 11 offline tasks, 'all' = every task (default: ruler)")
-    p.add_argument("--context-lengths", nargs="+", type=int, default=[512, 1024, 2048])
-    p.add_argument("--samples", type=int, default=5, help="samples per task and context length")
+    p.add_argument("--context-lengths", nargs="+", type=positive_int("--context-lengths"), default=[512, 1024, 2048])
+    p.add_argument("--samples", type=positive_int("--samples"), default=5, help="samples per task and context length")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the EVAL-split samples (default {DEFAULT_SEED}; training uses the TRAIN split)")
     p.add_argument("--output", default="results/eval", help="output directory (resumable: finished runs are skipped)")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per forward (left padding; same results)")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=1, help="samples per forward (left padding; same results)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--chunk-size", type=_chunk, default=512,
@@ -83,8 +86,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="recompute runs whose JSON exists")
     p.add_argument("--kl", action="store_true", help="also KL to the full cache / perplexity on held-out prose")
     p.add_argument("--kl-only", action="store_true", help="only the KL / perplexity runs (no tasks)")
-    p.add_argument("--kl-samples", type=int, default=4, help="prose segments per context length for --kl")
-    p.add_argument("--kl-chunk-size", type=int, default=64, help="chunk size of the --kl runs (default 64)")
+    p.add_argument("--kl-samples", type=positive_int("--kl-samples"), default=4, help="prose segments per context length for --kl")
+    p.add_argument("--kl-chunk-size", type=positive_int("--kl-chunk-size"), default=64, help="chunk size of the --kl runs (default 64)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (on a busy or small CPU, 1 is often fastest)")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary.json/.md and the plots")
@@ -94,22 +97,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from trainkv.eval.runner import FULL, SweepConfig
-    from trainkv.methods import TRAINING_FREE
-
+    if args.old_budgets:
+        raise CLIError("--budgets is now --keep (in eval a ratio is a share of the context length, fixed per run; "
+                       f"the run-time --budget is a share of the tokens seen): use --keep {' '.join(args.old_budgets)}")
     checkpoints = dict(args.checkpoint)
     methods = list(args.methods or [])
     if args.methods_single:
         methods.append(args.methods_single)
     if not methods:
         methods = [FULL, *TRAINING_FREE, *checkpoints]
-    budgets = list(args.budgets or [])
-    if args.budget_single is not None:
-        budgets.append(args.budget_single)
-    if not budgets:
-        budgets = [0.5, 0.25, 0.125, 0.0625]
     return SweepConfig(
-        model=args.model, methods=methods, checkpoints=checkpoints, budgets=budgets, tasks=args.tasks,
+        model=args.model, methods=methods, checkpoints=checkpoints, keep=list(args.keep or [0.5, 0.25, 0.125, 0.0625]), tasks=args.tasks,
         context_lengths=args.context_lengths, samples=args.samples, seed=args.seed, output=args.output,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
         sink_tokens=args.sink_tokens, recent_window=args.recent_window, max_new_tokens=args.max_new_tokens,
@@ -119,12 +117,7 @@ def config_from_args(args):
 
 
 def cmd_eval(args) -> int:
-    from trainkv.eval import report
-    from trainkv.eval.runner import Sweep
-
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     sweep = Sweep(config)

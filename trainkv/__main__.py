@@ -1,0 +1,5 @@
+"""``python -m trainkv``: the ``trainkv`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
