@@ -28,7 +28,28 @@ from generation import (
 import trainkv
 
 
+def cap_memory(gib: float | None) -> dict | None:
+    """Let this process allocate at most ``gib`` GiB of the GPU (torch's caching allocator raises OutOfMemoryError
+    beyond it): a smaller card, simulated on a large one."""
+    if gib is None or not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, 0)
+    return {"cap_gib": gib, "device_total_gib": round(total / 2**30, 2),
+            "how": "torch.cuda.set_per_process_memory_fraction(cap / total)"}
+
+
+def guarded(run) -> dict:
+    """A measurement, or {"oom": True} when it does not fit (the cap, or the card)."""
+    try:
+        return run()
+    except torch.OutOfMemoryError as e:
+        cleanup()
+        return {"oom": True, "error": str(e).splitlines()[0][:200]}
+
+
 def cmd_prefill(args):
+    cap = cap_memory(args.memory_cap_gib)
     model = bench_model(args.smoke, max_positions=max(args.contexts) + args.new_tokens + 16)
     per_token = kv_bytes_per_token(model)
     rows = []
@@ -41,23 +62,26 @@ def cmd_prefill(args):
                "full_cache_total_gib_computed": round(weights_gib(model) + per_token * context / 2**30, 2)}
         for budget in args.budgets:
             cfg = model.trainkv_state.eviction.replace(budget=budget)
-            res = prefill_and_decode(model, context, args.new_tokens, args.chunk, lambda: model.new_cache(cfg))
+            res = guarded(lambda: prefill_and_decode(model, context, args.new_tokens, args.chunk,
+                                                     lambda: model.new_cache(cfg)))
             row[f"trainkv_{method}_budget{budget}"] = res
             print(context, budget, res, flush=True)
         if context <= args.full_cache_max:
             trainkv.detach(model)
-            try:
-                res = prefill_and_decode(model, context, args.new_tokens, args.chunk, lambda: None)
-            except torch.OutOfMemoryError:
-                res = {"oom": True}
+            res = guarded(lambda: prefill_and_decode(model, context, args.new_tokens, args.chunk, lambda: None))
             row["full_cache_measured"] = res
             print(context, "full", res, flush=True)
             cleanup()
             trainkv.attach(model, method, trainkv.EvictionConfig(budget=args.budgets[0], chunk_size=args.chunk,
                                                                   sink_tokens=4, recent_window=args.window))
         rows.append(row)
+        write_prefill(args, model, method, per_token, rows, cap)  # partial: a stopped run keeps its rows
+
+
+def write_prefill(args, model, method, per_token, rows, cap) -> None:
     write_result(args.name or "prefill_8b", {
         "what": "prefill + decode, Llama-3.1-8B config, random bf16 weights, batch 1",
+        "memory_cap": cap,
         "model": model.config.trainkv_base_model,
         "method": method, "chunk": args.chunk, "recent_window": args.window,
         "weights_gib": round(weights_gib(model), 2), "kv_bytes_per_token_full": per_token, "rows": rows,
@@ -117,6 +141,8 @@ def main():
     a.add_argument("--new-tokens", type=int, default=256)
     a.add_argument("--method", default="attention_gate")
     a.add_argument("--full-cache-max", type=int, default=131072)
+    a.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="allocate at most this much GPU memory (e.g. 22: does it fit a 24 GB card?)")
     a.add_argument("--name", default=None)
     a.add_argument("--smoke", action="store_true", help="tiny random model on CPU: check the command runs")
     a.set_defaults(func=cmd_prefill)

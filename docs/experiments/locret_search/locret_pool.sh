@@ -8,14 +8,14 @@
 #   x stabilizers 32 tokens / half of the budget.
 # Rule fixed before the run: the two best dev scores at 2K x 1/8 get the reported grid (eval split, seed 1234,
 # 4 samples: 0.5K/1K/2K x 1/2, 1/4, 1/8, 1/16) and the KL rows at 1K; the best is the result.
-#   bash scripts/gpu/locret_pool.sh [deadline seconds, default 540]
+#   bash docs/experiments/locret_search/locret_pool.sh [deadline seconds, default 540]
 set -uo pipefail
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 deadline=$(( $(date +%s) + ${1:-540} ))
 mkdir -p logs runs/devpool runs/cand
 for base in ship=checkpoints/smollm2-135m/retaining_head lp=/tmp/gpu/long_lp; do
   for pool in 1 5 9; do for stab in 32 0.5; do
-    python scripts/gpu/locret_tools.py candidate "${base%%=*}_p${pool}_s$stab" "${base#*=}" $pool $stab
+    python docs/experiments/locret_search/locret_tools.py candidate "${base%%=*}_p${pool}_s$stab" "${base#*=}" $pool $stab
   done; done
 done
 ev() {  # log, args...
@@ -28,16 +28,16 @@ ev dev_full "${dev[@]}" --methods full &
 group() {  # log names...
   local log=$1; shift; local args=()
   for n in "$@"; do args+=(--checkpoint "$n=runs/cand/$n"); done
-  ev "$log" "${dev[@]}" --budgets 0.125 --methods "$@" "${args[@]}"
+  ev "$log" "${dev[@]}" --keep 0.125 --methods "$@" "${args[@]}"
 }
 group dev_a ship_p1_s32 ship_p1_s0.5 ship_p5_s32 &
 group dev_b ship_p5_s0.5 ship_p9_s32 ship_p9_s0.5 &
 group dev_c lp_p1_s32 lp_p1_s0.5 lp_p5_s32 &
 group dev_d lp_p5_s0.5 lp_p9_s32 lp_p9_s0.5 &
 wait
-best=$(python scripts/gpu/locret_tools.py best 2 "runs/devpool/runs/*__r0.125.json")
+best=$(python docs/experiments/locret_search/locret_tools.py best 2 "runs/devpool/runs/*__r0.125.json")
 echo "selected on dev: $best" | tee logs/selected.log
-grid=(--output results/smollm2 --samples 4 --budgets 0.5 0.25 0.125 0.0625)
+grid=(--output results/smollm2 --samples 4 --keep 0.5 0.25 0.125 0.0625)
 for n in $best; do
   for L in 2048 1024 512; do
     ev "grid_${n}_$L" "${grid[@]}" --context-lengths $L --methods "locret_$n" --checkpoint "locret_$n=runs/cand/$n" &
@@ -46,12 +46,12 @@ done
 wait
 args=(); names=()
 for n in $best; do names+=("locret_$n"); args+=(--checkpoint "locret_$n=runs/cand/$n"); done
-ev kl --kl-only --kl-samples 8 --output results/smollm2_kl --budgets 0.25 0.125 --context-lengths 1024 \
+ev kl --kl-only --kl-samples 8 --output results/smollm2_kl --keep 0.25 0.125 --context-lengths 1024 \
   --methods "${names[@]}" "${args[@]}"
 python -m trainkv.cli eval --report-only --output runs/devpool >/dev/null 2>&1
 tar czf "$OUT/devpool.tgz" runs/devpool
 tar czf "$OUT/grid.tgz" results/smollm2/runs/locret_* results/smollm2_kl/quality/locret_*
-python scripts/gpu/locret_tools.py table "runs/devpool/runs/*.json" "results/smollm2/runs/locret_*" \
+python docs/experiments/locret_search/locret_tools.py table "runs/devpool/runs/*.json" "results/smollm2/runs/locret_*" \
   "results/smollm2_kl/quality/locret_*" >"$OUT/logs.txt" 2>&1
 for f in logs/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | tail -2; done >>"$OUT/logs.txt"
 cat "$OUT/logs.txt"

@@ -3,7 +3,7 @@
 # processes sharing the GPU (SmolLM2 decoding is launch-bound): every training-free method and the given
 # trained scorers at 0.5K/1K/2K x keep 1/2, 1/4, 1/8, 1/16 (resumes results/smollm2), then KL / perplexity on
 # held-out prose at 1K x 1/4, 1/8 (results/smollm2_kl). Returns $OUT/eval.tgz, $OUT/kl.tgz, $OUT/logs.txt.
-#   bash scripts/gpu/eval_grid.sh <deadline seconds> NAME=CHECKPOINT ...
+#   bash scripts/gpu/quality_grid.sh <deadline seconds> NAME=CHECKPOINT ...
 set -uo pipefail
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 deadline=$(( $(date +%s) + $1 )); shift
@@ -16,14 +16,14 @@ ev() {  # log, args...
 }
 budgets="0.5 0.25 0.125 0.0625"
 for L in 512 1024 2048; do
-  ev "grid_$L" --output results/smollm2 --methods full streaming_llm h2o snapkv tova corm random --budgets $budgets \
+  ev "grid_$L" --output results/smollm2 --methods full streaming_llm h2o snapkv tova corm random --keep $budgets \
     --context-lengths $L &
 done
 [ ${#names[@]} -gt 0 ] && for L in 512 1024 2048; do
-  ev "trained_$L" --output results/smollm2 --methods "${names[@]}" "${ckpts[@]}" --budgets $budgets --context-lengths $L &
+  ev "trained_$L" --output results/smollm2 --methods "${names[@]}" "${ckpts[@]}" --keep $budgets --context-lengths $L &
 done
 ev kl --kl-only --output results/smollm2_kl --methods full streaming_llm h2o snapkv tova corm ${names[@]+"${names[@]}"} \
-  ${ckpts[@]+"${ckpts[@]}"} --budgets 0.25 0.125 --context-lengths 1024 &
+  ${ckpts[@]+"${ckpts[@]}"} --keep 0.25 0.125 --context-lengths 1024 &
 wait
 python -m trainkv.cli eval --report-only --output results/smollm2 >/dev/null 2>&1
 python -m trainkv.cli eval --report-only --output results/smollm2_kl >/dev/null 2>&1

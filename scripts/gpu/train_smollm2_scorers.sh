@@ -3,7 +3,7 @@
 # (Attention-Gate on 2K contexts, Attention-Gate with prose mixed in, Locret on 2K contexts), measure the
 # shipped Locret heads' missing 2K x 1/8 cell meanwhile, then the new scorers' 2K x 1/8 cells.
 # Returns $OUT/<name>.tgz (final checkpoint + metrics + train summary), $OUT/eval.tgz and $OUT/logs.txt.
-#   bash scripts/gpu/retrain_gates.sh [deadline seconds, default 560]
+#   bash scripts/gpu/train_smollm2_scorers.sh [deadline seconds, default 560]
 set -uo pipefail
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 deadline=$(( $(date +%s) + ${1:-560} ))
@@ -23,14 +23,14 @@ ev() {  # seconds, args...
     --output results/smollm2 --tasks ruler --samples 4 "${@:2}"
 }
 ev 200 --methods retaining_head --checkpoint retaining_head=checkpoints/smollm2-135m/retaining_head \
-  --budgets 0.125 --context-lengths 2048 >logs/rh_cell.log 2>&1
+  --keep 0.125 --context-lengths 2048 >logs/rh_cell.log 2>&1
 wait
 for run in attention_gate_sft_gpu_2k attention_gate_mix_gpu locret_gpu_2k; do
   d=runs/smollm2-135m/$run
   [ -f "$d/final/model.safetensors" ] || { echo "$run: no final checkpoint"; continue; }
   name=${run/_gpu/}
   left=$(( deadline - $(date +%s) - 15 ))
-  [ "$left" -gt 20 ] && ev "$left" --methods "$name" --checkpoint "$name=$d/final" --budgets 0.125 --context-lengths 2048 \
+  [ "$left" -gt 20 ] && ev "$left" --methods "$name" --checkpoint "$name=$d/final" --keep 0.125 --context-lengths 2048 \
     >"logs/eval_$name.log" 2>&1
   tar czf "$OUT/$name.tgz" -C "$d" final train_summary.json metrics.jsonl
 done

@@ -2,7 +2,7 @@
 # On the GPU machine (after `source .gpu/b/setup.sh`): learned layer budgets on top of the shipped
 # Attention-Gate (two runs at once: total keep 1/8 and 1/16 at 2K tokens), then the allocators side by side
 # with the same scorer on the evaluation split at 2K tokens. Returns $OUT/layer_budget.tgz and prints the table.
-#   bash scripts/gpu/layer_budget_sweep.sh [samples per task, default 6]
+#   bash scripts/gpu/learned_layer_budgets.sh [samples per task, default 6]
 set -uo pipefail
 export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
 samples=${1:-6}
@@ -24,9 +24,9 @@ lb r8 0.11 0.125 &
 lb r16 0.046 0.0625 &
 wait
 s=$(date +%s)
-timeout 330 python -m trainkv.allocation --checkpoint $base --allocators uniform,pyramid,adakv,xkv \
+timeout 330 python -m trainkv.eval.allocation --checkpoint $base --allocators uniform,pyramid,adakv,xkv \
   --learned learned_r8=runs/smollm2-135m/layer_budget_r8/final --learned learned_r16=runs/smollm2-135m/layer_budget_r16/final \
-  --budgets 0.125,0.0625 --context-length 2048 --tasks ruler --samples "$samples" --device cuda --batch-size 66 \
+  --keep 0.125,0.0625 --context-length 2048 --tasks ruler --samples "$samples" --device cuda --batch-size 66 \
   --output results/layer_budget/smollm2_ag_2048.json 2>&1 | grep -v "it/s\]" | tail -25
 echo "allocation compare: $(( $(date +%s) - s )) s"
 tar czf "$OUT/layer_budget.tgz" results/layer_budget runs/smollm2-135m/layer_budget_r8/final runs/smollm2-135m/layer_budget_r16/final \

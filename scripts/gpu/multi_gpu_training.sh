@@ -6,7 +6,7 @@
 # Preparation, here (network):   ../shared/tools/gpu-prep && bash scripts/gpu/prep_deepspeed_wheels.sh
 # GPU machine (kind nvidia-h100-x2), two runs back to back:
 #   1. carry [".gpu/a"]  command: bash .gpu/a/stash.sh
-#   2. carry [".gpu/b"]  command: source .gpu/b/setup.sh && bash scripts/gpu/multi_gpu_train.sh   (timeout_s 600)
+#   2. carry [".gpu/b"]  command: source .gpu/b/setup.sh && bash scripts/gpu/multi_gpu_training.sh   (timeout_s 600)
 # Results: $OUT/summary.txt and $OUT/multi_gpu.tgz (metrics.jsonl + train_summary.json of every run, throughput and
 # export-check JSONs, the loss-match tables, log tails). Back here:
 #   mkdir -p benchmarks/results/train/multi_gpu && tar xzf <files_at>/multi_gpu.tgz -C benchmarks/results/train/multi_gpu
@@ -21,7 +21,7 @@
 # skipped and said so. Env: STEPS (default 80), BUDGET_S, OUT. For a CPU dry run of the whole flow (DeepSpeed with
 # several CPU processes is broken in accelerate 1.15, so NPROC=1 there):
 #   NPROC=1 STEPS=4 BUDGET_S=2400 LIMIT_SCALE=4 EXTRA="data.seq_len=384 data.context_tokens=[256] eviction.chunk_size=128" \
-#   TP_EXTRA="--model-config tiny --seq-len 128 eviction.chunk_size=32" bash scripts/gpu/multi_gpu_train.sh
+#   TP_EXTRA="--model-config tiny --seq-len 128 eviction.chunk_size=32" bash scripts/gpu/multi_gpu_training.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

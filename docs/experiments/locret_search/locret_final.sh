@@ -9,7 +9,7 @@
 #   * the reported grid (eval split, seed 1234, 4 samples, as every other row of results/smollm2) for both:
 #     0.5K/1K/2K x 1/2, 1/4, 1/8, 1/16, the recent window taken from each checkpoint (no --recent-window);
 #   * KL to the full cache on held-out prose at 1K (8 segments, as results/smollm2_kl).
-#   bash scripts/gpu/locret_final.sh [deadline seconds, default 540]
+#   bash docs/experiments/locret_search/locret_final.sh [deadline seconds, default 540]
 set -uo pipefail
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 deadline=$(( $(date +%s) + ${1:-540} ))
@@ -21,26 +21,26 @@ ev() {  # log, args...
   timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
     --batch-size 64 --no-progress --tasks ruler "$@" >>"logs/$log.log" 2>&1
 }
-dev=(--output runs/dev --samples 8 --seed 4321 --budgets 0.125)
+dev=(--output runs/dev --samples 8 --seed 4321 --keep 0.125)
 ev dev2k "${dev[@]}" --context-lengths 2048 --recent-window 128 --methods long_lp_rw128 --checkpoint long_lp_rw128=$lp &
 ev dev1k_full --output runs/dev --samples 8 --seed 4321 --methods full --context-lengths 1024 &
 for rw in 32 64; do
   ev dev1k_$rw "${dev[@]}" --context-lengths 1024 --recent-window $rw --methods ship_rw$rw long_lp_rw$rw \
     --checkpoint ship_rw$rw=$ship --checkpoint long_lp_rw$rw=$lp &
 done
-grid=(--output results/smollm2 --samples 4 --budgets 0.5 0.25 0.125 0.0625)
+grid=(--output results/smollm2 --samples 4 --keep 0.5 0.25 0.125 0.0625)
 for L in 2048 1024 512; do
   ev grid_ship_$L "${grid[@]}" --context-lengths $L --overwrite --methods retaining_head --checkpoint retaining_head=$ship &
   ev grid_lp_$L "${grid[@]}" --context-lengths $L --methods locret_long_lp --checkpoint locret_long_lp=$lp &
 done
 wait
-ev kl --kl-only --kl-samples 8 --output results/smollm2_kl --budgets 0.25 0.125 --context-lengths 1024 --overwrite \
+ev kl --kl-only --kl-samples 8 --output results/smollm2_kl --keep 0.25 0.125 --context-lengths 1024 --overwrite \
   --methods retaining_head locret_long_lp --checkpoint retaining_head=$ship --checkpoint locret_long_lp=$lp
 python -m trainkv.cli eval --report-only --output runs/dev >/dev/null 2>&1
 tar czf "$OUT/dev.tgz" runs/dev
 tar czf "$OUT/grid.tgz" results/smollm2/runs/retaining_head__* results/smollm2/runs/locret_long_lp__* \
   results/smollm2_kl/quality/retaining_head__* results/smollm2_kl/quality/locret_long_lp__*
-python scripts/gpu/locret_tools.py table "runs/dev/runs/*.json" "results/smollm2/runs/retaining_head__*" \
+python docs/experiments/locret_search/locret_tools.py table "runs/dev/runs/*.json" "results/smollm2/runs/retaining_head__*" \
   "results/smollm2/runs/locret_long_lp__*" "results/smollm2_kl/quality/retaining_head__*" "results/smollm2_kl/quality/locret_long_lp__*" >"$OUT/logs.txt" 2>&1
 for f in logs/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | tail -3; done >>"$OUT/logs.txt"
 cat "$OUT/logs.txt"

@@ -5,7 +5,7 @@
 # 8 samples per task: other samples than the reported seed-1234 evaluation) at 2K x 1/8 with 32 and 64
 # protected recent tokens (Locret's stabilizers). Returns $OUT/dev.tgz (run files), $OUT/<variant>.tgz
 # (final checkpoint, metrics, summary) and $OUT/logs.txt.
-#   bash scripts/gpu/locret_search.sh [deadline seconds, default 560]
+#   bash docs/experiments/locret_search/locret_search.sh [deadline seconds, default 560]
 set -uo pipefail
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 deadline=$(( $(date +%s) + ${1:-560} ))
@@ -34,7 +34,7 @@ dev() {  # recent_window label=checkpoint... (L 2048, keep 1/8)
   local left=$(( deadline - $(date +%s) - 20 ))
   [ "$left" -gt 30 ] || return
   timeout "$left" python -m trainkv.cli eval --model smollm2-135m --device cuda --batch-size 64 --no-progress \
-    --output runs/dev --tasks ruler --samples 8 --seed 4321 --budgets 0.125 --context-lengths 2048 \
+    --output runs/dev --tasks ruler --samples 8 --seed 4321 --keep 0.125 --context-lengths 2048 \
     --recent-window "$rw" --methods "${names[@]}" "${args[@]}" >>"logs/dev_rw$rw.log" 2>&1
 }
 for v in "${variants[@]}"; do train "${v%%|*}" ${v#*|}; done
@@ -64,6 +64,6 @@ for v in "${variants[@]}"; do
   d=runs/smollm2-135m/locret_${v%%|*}
   [ -d "$d" ] && tar czf "$OUT/${v%%|*}.tgz" -C "$d" $(cd "$d" && ls -d final train_summary.json metrics.jsonl 2>/dev/null)
 done
-python scripts/gpu/locret_tools.py table "runs/dev/runs/*.json" >"$OUT/logs.txt" 2>&1
+python docs/experiments/locret_search/locret_tools.py table "runs/dev/runs/*.json" >"$OUT/logs.txt" 2>&1
 for f in logs/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | tail -4; done >>"$OUT/logs.txt"
 cat "$OUT/logs.txt"

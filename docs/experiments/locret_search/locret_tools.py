@@ -1,8 +1,8 @@
 """Small helpers of the issue-#5 GPU scripts (`locret_*.sh`).
 
-    python scripts/gpu/locret_tools.py candidate NAME SRC POOL STABILIZERS   # runs/cand/NAME = SRC with these run-time settings
-    python scripts/gpu/locret_tools.py table GLOB [GLOB ...]                 # one line per run file: score, per-task scores / KL
-    python scripts/gpu/locret_tools.py best N GLOB                           # the N best labels by score, space-separated
+    python docs/experiments/locret_search/locret_tools.py candidate NAME SRC POOL STABILIZERS   # runs/cand/NAME = SRC with these run-time settings
+    python docs/experiments/locret_search/locret_tools.py table GLOB [GLOB ...]                 # one line per run file: score, per-task scores / KL
+    python docs/experiments/locret_search/locret_tools.py best N GLOB                           # the N best labels by score, space-separated
 """
 
 from __future__ import annotations
