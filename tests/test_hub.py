@@ -551,11 +551,12 @@ def test_refuses_pickle_weights_without_unpickling(trained, tmp_path, monkeypatc
             trainkv.load_gated(ckpt)
         msg = str(err.value)
         assert name in msg and "never unpickles" in msg and "safetensors" in msg
-    # A pickle disguised as model.safetensors is refused as a corrupted safetensors file.
-    ckpt = copy_ckpt(trained, tmp_path, "disguised")
-    (ckpt / "model.safetensors").write_bytes(payload)
-    with pytest.raises(CheckpointError, match="corrupted or truncated"):
-        trainkv.load_gated(ckpt)
+    # A pickle disguised as model.safetensors is named as what it is (a pickle), unopened; torch.save's zip too.
+    for label, data in (("disguised", payload), ("disguised-zip", b"PK\x03\x04" + payload)):
+        ckpt = copy_ckpt(trained, tmp_path, label)
+        (ckpt / "model.safetensors").write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"is a pickle \(torch.save\) file named model.safetensors.*never unpickles"):
+            trainkv.load_gated(ckpt)
     # Next to a valid model.safetensors, a pickle file is ignored (never opened) and the safetensors load.
     ckpt = copy_ckpt(trained, tmp_path, "both")
     (ckpt / "pytorch_model.bin").write_bytes(payload)
@@ -609,7 +610,8 @@ def test_refuses_newer_format_version(trained, tmp_path):
     with pytest.raises(CheckpointError) as err:
         trainkv.load_gated(ckpt)
     msg = str(err.value)
-    assert "format_version 2 is newer" in msg and "9.0.0" in msg and "pip install -U trainkv" in msg
+    assert "format_version 2 is newer" in msg and "9.0.0" in msg and "git pull && pip install -e ." in msg
+    assert "pip install -U trainkv" not in msg  # no such PyPI package: never tell users to install it
 
 
 def test_refuses_non_trainkv_and_inconsistent_config(trained, tmp_path):

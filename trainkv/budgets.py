@@ -83,7 +83,7 @@ def parse_budget(value: str | int | float, what: str = "budget") -> int | float:
         if math.isfinite(value) and value.is_integer() and value > 1:
             return int(value)
         if not (math.isfinite(value) and 0.0 < value <= 1.0):
-            raise ValueError(f"{what}: {value!r} is not a budget: a ratio must lie in (0, 1]; or give {SPELLINGS}")
+            raise ValueError(f"{what}: {value!r} is not a budget: a ratio must lie in (0, 1]; use {SPELLINGS}")
         return value
     if value < 1:
         raise ValueError(f"{what}: {value!r} is not a budget: at least 1 entry; use {SPELLINGS}")

@@ -16,7 +16,7 @@ import sys
 
 from ..hub.format import CheckpointError, CheckpointNotFoundError
 from ..hub.push import add_push_parser
-from .args import CLIError
+from .args import CLIError, Parser
 from .check import add_check_parser
 from .demo import add_demo_parser
 from .eval import add_eval_parser
@@ -40,7 +40,7 @@ USER_ERRORS = (CLIError, CheckpointError, CheckpointNotFoundError, FileNotFoundE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainkv", description=DESCRIPTION,
+    parser = Parser(prog="trainkv", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,generate,check,eval,push}")

@@ -15,6 +15,13 @@ class CLIError(Exception):
     """A usage error: printed as one line (``trainkv <command>: error: ...``), exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``trainkv generate: error: argument --budget: '0' ... (see --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def flag_type(flag: str, convert, accepted: str):
     """An argparse ``type=`` that converts with ``convert`` and, on failure, names ``flag``, the value and
     ``accepted`` in the error argparse prints."""
@@ -23,9 +30,8 @@ def flag_type(flag: str, convert, accepted: str):
         try:
             return convert(text)
         except (TypeError, ValueError) as e:
-            detail = str(e)
-            raise argparse.ArgumentTypeError(f"{text!r}: {detail}" if detail and accepted in detail
-                                             else f"{text!r} is not accepted; use {accepted}") from None
+            detail = str(e).removeprefix(f"{flag}: ").removeprefix(f"{text!r} ").removeprefix(f"{text} ")
+            raise argparse.ArgumentTypeError(f"{text!r} {detail}" if detail else f"{text!r}: use {accepted}") from None
 
     parse.__name__ = flag.lstrip("-").replace("-", "_")
     return parse
@@ -33,9 +39,12 @@ def flag_type(flag: str, convert, accepted: str):
 
 def _int_at_least(low: int):
     def convert(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"is not an integer; use an integer >= {low}") from None
         if value < low:
-            raise ValueError(f"must be >= {low}")
+            raise ValueError(f"is too small; use an integer >= {low}")
         return value
 
     return convert
@@ -64,7 +73,7 @@ def method_name(flag: str = "--method"):
 
     def convert(text: str) -> str:
         if text not in METHODS:
-            raise ValueError(f"unknown method{suggest(text, METHODS)}; known: {', '.join(sorted(METHODS))}")
+            raise ValueError(f"is not a method{suggest(text, METHODS)}; known: {', '.join(sorted(METHODS))}")
         return text
 
     return flag_type(flag, convert, "a method name")
@@ -95,5 +104,5 @@ def eviction_overrides(args: argparse.Namespace) -> dict:
     return given
 
 
-__all__ = ["CLIError", "add_eviction_args", "budget", "eviction_overrides", "flag_type", "method_name",
+__all__ = ["CLIError", "Parser", "add_eviction_args", "budget", "eviction_overrides", "flag_type", "method_name",
            "non_negative_int", "positive_int", "suggest"]

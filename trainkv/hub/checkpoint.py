@@ -20,7 +20,7 @@ CARD_TEMPLATE = """---
 # {{ title }}
 
 Trained KV-cache eviction modules (method `{{ method_name }}`) for {{ base_link }}, made with
-trainkv (`pip install trainkv`). The base model's weights are not in this repository: it holds only the
+trainkv (not on PyPI: install it from its source repository, see its README). The base model's weights are not in this repository: it holds only the
 method's parameters{{ lora_note }} (`model.safetensors`, {{ num_tensors }} tensors) and their settings
 (`config.json`); trainkv loads the base model and attaches them.
 

@@ -15,11 +15,14 @@ files (``pytorch_model.bin``, ``*.pt``, ``*.pkl``, ...) are refused without bein
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .._version import __version__
 
@@ -134,7 +137,7 @@ def read_config(directory: Path) -> dict:
         raise CheckpointError(
             f"{path}: checkpoint format_version {version} is newer than this trainkv {__version__} reads "
             f"(up to {FORMAT_VERSION}); it was written by trainkv {config.get('trainkv_version', '?')}. "
-            "Upgrade: pip install -U trainkv"
+            f"{UPGRADE[0].upper()}{UPGRADE[1:]}"
         )
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
@@ -152,17 +155,27 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
-    """Read ``model.safetensors`` (safetensors only), refusing corrupted or truncated files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+#: How to get a newer trainkv (it is not on PyPI: the name there is not this project's).
+UPGRADE = "upgrade trainkv (in your checkout: `git pull && pip install -e .`; from a wheel: install the newer wheel)"
 
+#: How pickle files begin: protocol 2-5 (``\\x80`` + protocol byte) or ``torch.save``'s zip archive.
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` (safetensors only), refusing pickles (unopened), corrupted or truncated files."""
     path = directory / WEIGHTS_NAME
     size = path.stat().st_size
     header_len = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(PICKLE_MAGIC):
+        raise CheckpointError(
+            f"{path}: this is a pickle (torch.save) file named {WEIGHTS_NAME}, not safetensors; trainkv never unpickles "
+            "(it can run code). Re-save the tensors with safetensors.torch.save_file, or with trainkv.save_gated"
+        )
     if size >= 8:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
+        header_len = int.from_bytes(head, "little")
     if header_len is None or header_len > size - 8:
         raise CheckpointError(
             f"{path}: corrupted or truncated safetensors file ({size} bytes, header claims {header_len} bytes); "
@@ -192,8 +205,6 @@ def shape_mismatch(saved: dict, actual: dict) -> list[str]:
 
 def to_jsonable(value):
     """Sets to sorted lists, enums to their values, recursively (for peft configs)."""
-    import enum
-
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dict):

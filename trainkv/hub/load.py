@@ -19,7 +19,7 @@ from ..methods import METHODS, make_config, method_modules, method_state_dict
 from ..models import ALIASES, hub_offline, load_model
 from .bases import load_base_weights, resolve_base
 from .checkpoint import GateCheckpoint
-from .format import CheckpointError, CheckpointNotFoundError, LORA_PREFIX, base_model_name, base_shape, shape_mismatch
+from .format import UPGRADE, CheckpointError, CheckpointNotFoundError, LORA_PREFIX, base_model_name, base_shape, shape_mismatch
 from .resolve import is_repo_id, resolve_checkpoint
 
 
@@ -94,7 +94,7 @@ def _eviction_config(config: dict, eviction, overrides: dict, source: str) -> Ev
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"gate checkpoint {source}: its eviction settings do not load ({e}); it was written by trainkv "
-            f"{config.get('trainkv_version', '?')}: upgrade trainkv"
+            f"{config.get('trainkv_version', '?')}: {UPGRADE}"
         ) from e
     return saved.merged(eviction, **overrides)
 
@@ -105,7 +105,7 @@ def checkpoint_method_config(config: dict, source: str):
         raise CheckpointError(
             f"gate checkpoint {source} uses method {name!r}, which this trainkv does not know (known: "
             f"{', '.join(sorted(METHODS))}). It was written by trainkv {config.get('trainkv_version', '?')}: "
-            "upgrade trainkv, or import the module that registers the method first"
+            f"{UPGRADE}, or import the module that registers the method first"
         )
     try:
         return make_config(config["method"])
