@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a source checkout
 
-from trainkv.methods.layer_budget import write_allocation_artifacts  # noqa: E402
 from trainkv.training import run_recipe  # noqa: E402
+from trainkv.training.layer_budget import write_allocation_artifacts  # noqa: E402
 
 DEFAULTS = {"method": {"method": "layer_budget"}, "data": {"format": "sft"}}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -371,25 +372,6 @@ def test_sft_labels_cover_only_the_answer(tmp_path, smol_tokenizer):
     assert len(ds) == 2
 
 
-def test_data_without_the_datasets_package(tmp_path, smol_tokenizer, monkeypatch):
-    """Builtin and local json/jsonl/txt sources work in memory where `datasets` is absent (the GPU image)."""
-    from trainkv.training import data as data_mod
-    from trainkv.training.config import DataConfig
-
-    tok, _ = smol_tokenizer
-    sft = write_jsonl(tmp_path / "sft.jsonl", _sft_rows(6))
-    txt = tmp_path / "a.txt"
-    txt.write_text("The river is wide and the road is long. " * 60)
-    cfgs = [DataConfig(source=str(sft), format="sft", seq_len=96), DataConfig(source=str(txt), format="cpt", seq_len=64),
-            DataConfig(source="builtin:tasks", format="sft", seq_len=320, num_samples=2, tasks=["passkey"])]
-    with_ds = [data_mod.build_dataset(c, tok) for c in cfgs]
-    monkeypatch.setattr(data_mod, "_have_datasets", lambda: False)
-    without = [data_mod.build_dataset(c, tok) for c in cfgs]
-    for a, b in zip(with_ds, without):
-        assert isinstance(b, data_mod.TokenRows)
-        assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
-
-
 def test_cpt_packing_and_builtin_sources(tmp_path, smol_tokenizer, monkeypatch):
     from trainkv.data import tasks as task_mod
     from trainkv.training.config import DataConfig
@@ -437,6 +419,14 @@ def test_sample_order_is_independent_of_the_process_split():
     spans_one = one.micro_batches(8)
     spans_two = [s for plan in two for s in plan.micro_batches(8)]
     assert sorted(spans_one) == sorted(spans_two) == [(8, 2), (10, 2)]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.stem)
+def test_recipe_scripts_import(recipe):
+    """Every recipe's imports resolve (its body runs only as __main__): a function moved between modules once
+    left recipes/layer_budget_train.py importing it from where it no longer was."""
+    namespace = runpy.run_path(str(recipe), run_name="recipe_under_test")
+    assert callable(namespace["run_recipe"]) and isinstance(namespace["DEFAULTS"], dict)
 
 
 # --- launchers (subprocesses) --------------------------------------------------------------------------
@@ -605,16 +595,16 @@ def test_deepspeed_batch_settings_must_match_the_run():
 
     from trainkv.training import ConfigError
     from trainkv.training.data import BatchPlan
-    from trainkv.training.trainer import _check_deepspeed_batch
+    from trainkv.training.distributed import check_deepspeed_batch
 
     def acc(**ds):
         return SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
 
     plan = BatchPlan(batch_size=4, num_processes=2, accumulation=1, process_index=0)
-    _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8), plan)
-    _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto"), plan)
+    check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8), plan)
+    check_deepspeed_batch(acc(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto"), plan)
     with pytest.raises(ConfigError, match=r"train_batch_size.*16.*2 processes x batch 4 x accumulation 1 = 8"):
-        _check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=16), plan)
+        check_deepspeed_batch(acc(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=16), plan)
 
 
 def test_shipped_deepspeed_configs_leave_the_batch_to_the_trainer():

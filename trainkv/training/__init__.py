@@ -9,15 +9,15 @@ Launch recipes with ``accelerate launch --config_file configs/accelerate/<x>.yam
 several CPU processes (gloo DDP).
 """
 
+import logging
+import sys
+
 from .config import ConfigError, DataConfig, LoraSettings, TrainConfig
 from .trainer import ModelView, TrainResult, train
 
 
 def run_recipe(name: str, defaults: dict | None = None, argv: list[str] | None = None) -> TrainResult:
     """Entry point of a recipe script: parse ``--config``/overrides (``defaults`` below the YAML) and train."""
-    import logging
-    import sys
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = TrainConfig.from_args(argv, defaults={"run_name": name, **(defaults or {})}, prog=name)
@@ -27,4 +27,5 @@ def run_recipe(name: str, defaults: dict | None = None, argv: list[str] | None =
         raise SystemExit(2) from None
 
 
-__all__ = ["ConfigError", "DataConfig", "LoraSettings", "TrainConfig", "TrainResult", "ModelView", "run_recipe", "train"]
+__all__ = ["ConfigError", "DataConfig", "LoraSettings", "TrainConfig", "TrainResult", "ModelView", "run_recipe",
+           "train"]

@@ -1,16 +1,18 @@
 """Pictures of a budget allocation: a (layer x KV head) heat map with per-layer totals (matplotlib, Agg).
 
     plot_allocation(budgets, "checkpoints/x/allocation.png", reference=128)
-    plot_allocations({"uniform": u, "pyramid": p, "learned": l}, "results/allocation/layers.png")
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
+
+import numpy as np
 
 
 def _pyplot():
+    """pyplot on the Agg backend (chosen here, when a picture is drawn, not when trainkv is imported)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,8 +26,6 @@ def plot_allocation(budgets: Sequence[Sequence[float]], path: str | Path, title:
     """Heat map of ``budgets`` ``[L][H]`` (rows = layers, columns = KV heads), beside each layer's mean per
     head; ``reference`` (e.g. the uniform budget) is drawn as a line. Writes a PNG and returns its path."""
     plt = _pyplot()
-    import numpy as np
-
     data = np.asarray(budgets, dtype=float)
     num_layers, num_heads = data.shape
     height = max(3.0, 0.22 * num_layers + 1.5)
@@ -61,27 +61,4 @@ def plot_allocation(budgets: Sequence[Sequence[float]], path: str | Path, title:
     return path
 
 
-def plot_allocations(allocations: Mapping[str, Sequence[Sequence[float]]], path: str | Path, title: str = "") -> Path:
-    """Per-layer mean budget per head of several allocations, one line each (e.g. uniform vs pyramid vs learned)."""
-    plt = _pyplot()
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    for name, budgets in allocations.items():
-        data = np.asarray(budgets, dtype=float)
-        ax.plot(range(data.shape[0]), data.mean(axis=1), marker=".", label=name)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("entries per KV head (layer mean)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
-__all__ = ["plot_allocation", "plot_allocations"]
+__all__ = ["plot_allocation"]

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from .distributed import base_optimizer, is_deepspeed
 
 WEIGHTS_NAME = "trainable.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -95,8 +98,6 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(root: Path, step: int, files: dict[str, Any], keep_last: int) -> Path:
     """Write ``files`` (name -> tensors dict for ``.safetensors``, JSON-able for ``.json``) as checkpoint ``step``."""
-    from safetensors.torch import save_file
-
     root.mkdir(parents=True, exist_ok=True)
     remove_partial(root)
     final = root / f"{PREFIX}{step:08d}"
@@ -130,20 +131,6 @@ def write_atomic(root: Path, step: int, files: dict[str, Any], keep_last: int) -
 # --- gathering / restoring trainable state ----------------------------------------------------------
 
 
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _base_optimizer(optimizer):
-    """The torch optimizer under accelerate's (and DeepSpeed's) wrappers."""
-    opt = getattr(optimizer, "optimizer", optimizer)
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
-
-
 def _ds_optimizer_state(optimizer) -> None:
     """Make DeepSpeed ZeRO's optimizer state readable/writable per parameter.
 
@@ -152,7 +139,7 @@ def _ds_optimizer_state(optimizer) -> None:
     there is no state at all. This creates zero state where missing and (re-)links every group.
     """
     zero = getattr(optimizer, "optimizer", optimizer)
-    base = _base_optimizer(optimizer)
+    base = base_optimizer(optimizer)
     flats = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", None) or []
     for flat in flats:
         st = base.state[flat]
@@ -168,7 +155,7 @@ def _ds_optimizer_state(optimizer) -> None:
 def gather_weights(accelerator, named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """Full fp32 values of the trainable parameters (a collective under DeepSpeed: call on every process)."""
     out = {}
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         from deepspeed.utils import safe_get_full_fp32_param
 
         for name, p in named_params:
@@ -180,33 +167,37 @@ def gather_weights(accelerator, named_params: list[tuple[str, torch.nn.Parameter
 
 
 def gather_optimizer(accelerator, optimizer, named_params) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """AdamW moments and step of each trainable parameter, whole (collective under DeepSpeed)."""
-    tensors: dict[str, torch.Tensor] = {}
-    if _is_deepspeed(accelerator):
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        _ds_optimizer_state(optimizer)
-        base = _base_optimizer(optimizer)
-        steps = [st.get("step") for st in base.state.values() if "step" in st]
-        step = float(steps[0]) if steps else 0.0
+    """AdamW moments and step of each trainable parameter, whole (collective under DeepSpeed), and the
+    parameter groups' hyper-parameters."""
+    base = base_optimizer(optimizer)
+    if is_deepspeed(accelerator):
+        tensors = _gather_deepspeed_optimizer(optimizer, named_params)
+    else:
+        tensors = {}
         for name, p in named_params:
-            for key in ADAM_KEYS:
-                value = safe_get_full_optimizer_state(p, key)
-                if value is not None:
-                    tensors[f"{name}|{key}"] = value.detach().float().cpu().clone()
-            tensors[f"{name}|step"] = torch.tensor(step, dtype=torch.float32)
-        groups = [{k: v for k, v in g.items() if k != "params" and _jsonable(v)} for g in base.param_groups]
-        return tensors, groups
-    base = _base_optimizer(optimizer)
-    for name, p in named_params:
-        st = base.state.get(p, {})
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{name}|{key}"] = value.detach().cpu().clone()
-            elif isinstance(value, (int, float)):
-                tensors[f"{name}|{key}"] = torch.tensor(float(value))
+            for key, value in base.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"{name}|{key}"] = value.detach().cpu().clone()
+                elif isinstance(value, (int, float)):
+                    tensors[f"{name}|{key}"] = torch.tensor(float(value))
     groups = [{k: v for k, v in g.items() if k != "params" and _jsonable(v)} for g in base.param_groups]
     return tensors, groups
+
+
+def _gather_deepspeed_optimizer(optimizer, named_params) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _ds_optimizer_state(optimizer)
+    steps = [st.get("step") for st in base_optimizer(optimizer).state.values() if "step" in st]
+    step = float(steps[0]) if steps else 0.0
+    tensors = {}
+    for name, p in named_params:
+        for key in ADAM_KEYS:
+            value = safe_get_full_optimizer_state(p, key)
+            if value is not None:
+                tensors[f"{name}|{key}"] = value.detach().float().cpu().clone()
+        tensors[f"{name}|step"] = torch.tensor(step, dtype=torch.float32)
+    return tensors
 
 
 def _jsonable(v) -> bool:
@@ -219,8 +210,6 @@ def _jsonable(v) -> bool:
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(weights, optimizer tensors, trainer state) of a checkpoint directory (safetensors + JSON only)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (expected {WEIGHTS_NAME}, {OPTIMIZER_NAME}, {STATE_NAME})")
@@ -250,8 +239,8 @@ def load_weights(named_params, weights: dict[str, torch.Tensor]) -> None:
 
 def load_optimizer(accelerator, optimizer, named_params, weights, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     """Restore the optimizer state (and, under DeepSpeed, the fp32 master weights) after `prepare`."""
-    base = _base_optimizer(optimizer)
-    if _is_deepspeed(accelerator):
+    base = base_optimizer(optimizer)
+    if is_deepspeed(accelerator):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         _ds_optimizer_state(optimizer)

@@ -12,7 +12,9 @@ given and what is allowed.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
+import importlib
 import re
 import types
 import typing
@@ -275,7 +277,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, overrides: list[str] | None = None) -> "TrainConfig":
-        data = _deep_copy(data or {})
+        data = copy.deepcopy(data or {})
         for item in overrides or []:
             key, value = parse_override(item)
             _set_dotted(data, key, value)
@@ -284,17 +286,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
-        data: dict = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                data = load_yaml(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: invalid YAML: {err}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping of settings")
+        data = read_yaml(path) if path is not None else {}
         try:
             return cls.from_dict(data, overrides)
         except ConfigError as err:
@@ -328,15 +320,9 @@ class TrainConfig:
             i += 1
         if args.resume is not None:
             overrides.append(f"resume={args.resume}" if args.resume is not True else "resume=true")
-        data = _deep_copy(defaults or {})
+        data = copy.deepcopy(defaults or {})
         if args.config:
-            path = Path(args.config)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            loaded = load_yaml(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping of settings")
-            _merge(data, loaded)
+            _merge(data, read_yaml(args.config))
         try:
             cfg = cls.from_dict(data, overrides)
         except ConfigError as err:
@@ -353,9 +339,21 @@ class TrainConfig:
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def import_modules(names: list[str]) -> None:
-    import importlib
+def read_yaml(path: str | Path) -> dict:
+    """The settings of a YAML config file (a mapping at the top level)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
 
+
+def import_modules(names: list[str]) -> None:
     for name in names or []:
         try:
             importlib.import_module(name)
@@ -376,12 +374,6 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
-
-
-def _deep_copy(data):
-    import copy
-
-    return copy.deepcopy(data)
 
 
 def _merge(base: dict, new: dict) -> None:
@@ -457,6 +449,11 @@ def _coerce(name: str, value: Any, tp) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
         return value
+    return _coerce_scalar(name, value, tp)
+
+
+def _coerce_scalar(name: str, value: Any, tp) -> Any:
+    """Check (and gently convert) a bool, int, float or str setting; other types pass unchecked."""
     if value is None:
         raise ConfigError(f"{name} cannot be null (expected {_type_name(tp)})")
     if tp is bool:

@@ -15,6 +15,10 @@ every token; ``sft`` renders each example with the tokenizer's chat template and
 on the assistant's answer (for synthetic samples: the answer after the answer prefix). Rows that
 already carry ``input_ids`` (and optionally ``labels``) are used as they are.
 
+`datasets` (a required dependency) is imported where rows are loaded, not with this module: the ``trainkv``
+command imports `trainkv.training`, and its sub-commands that never train then start without that import
+(about a second), also on a machine whose image lacks the package.
+
 `SampleOrder` maps a global sample counter to a row (a seeded permutation per epoch), so the data
 position of a run is one integer (samples consumed), independent of the number of processes.
 """
@@ -26,7 +30,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +38,9 @@ import torch
 from ..data import tasks as task_mod
 from ..data.haystack import prose_paragraphs, prose_text
 from .config import ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +67,20 @@ def default_context_tokens(cfg: DataConfig) -> list[int]:
 def synthetic_samples(cfg: DataConfig, tokenizer, seed: int) -> list:
     """Samples of the synthetic tasks' TRAIN split: ``num_samples`` spread evenly over tasks and lengths."""
     names = list(cfg.tasks) if cfg.tasks else list(task_mod.TASKS)
-    if not names:
-        raise ConfigError("data.tasks is empty and trainkv.data.tasks lists no tasks")
-    known = task_mod.TASKS
-    if known is not None:
-        unknown = [t for t in names if t not in known]
-        if unknown:
-            raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known: {sorted(known)}")
+    unknown = [t for t in names if t not in task_mod.TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known: {sorted(task_mod.TASKS)}")
     lengths = default_context_tokens(cfg)
     combos = [(t, n) for n in lengths for t in names]
     total = cfg.num_samples or 256
     per = [total // len(combos) + (1 if i < total % len(combos) else 0) for i in range(len(combos))]
-    split = TRAIN_SPLIT
-    _check_train_split(split)
     out, skipped = [], []
     for (task, length), n in zip(combos, per):
         if n == 0:
             continue
         try:
-            out.extend(task_mod.generate_samples(task, tokenizer, n, length, seed=seed * 1000 + lengths.index(length), split=split))
+            out.extend(task_mod.generate_samples(task, tokenizer, n, length, seed=seed * 1000 + lengths.index(length),
+                                                split=TRAIN_SPLIT))
         except ValueError as err:  # e.g. a task whose smallest context is longer than `length`
             skipped.append(f"{task}@{length}: {err}")
     if skipped:
@@ -105,7 +107,6 @@ def _builtin_rows(cfg: DataConfig, tokenizer, seed: int) -> list[dict]:
         raise ConfigError(f"data.source {cfg.source!r}: use builtin, builtin:prose or builtin:tasks")
     rows: list[dict] = []
     if cfg.format == "cpt" and kind in ("all", "prose") and (cfg.prose or kind == "prose"):
-        _check_train_split(TRAIN_SPLIT)
         paragraphs = prose_paragraphs(TRAIN_SPLIT)
         # one document per group of paragraphs (~4 KB of text), so blocks shuffle at a useful grain
         doc: list[str] = []
@@ -132,7 +133,6 @@ def _builtin_rows(cfg: DataConfig, tokenizer, seed: int) -> list[dict]:
 
 def prose_windows(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
     """``n`` windows of ``length`` tokens of the TRAIN-half prose at seeded random offsets (sft mixing)."""
-    _check_train_split(TRAIN_SPLIT)
     ids = _encode(tokenizer, [prose_text(TRAIN_SPLIT)])[0]
     if len(ids) <= length:
         raise ConfigError(f"data.prose_block_tokens={length}: the TRAIN prose holds only {len(ids)} tokens")
@@ -159,52 +159,19 @@ def _local_files(source: str) -> list[str] | None:
     return None
 
 
-def _have_datasets() -> bool:
-    import importlib.util
+def load_raw(cfg: DataConfig) -> datasets.Dataset:
+    """The raw rows of a Hub dataset or of local files."""
+    import datasets
 
-    return importlib.util.find_spec("datasets") is not None
-
-
-def _read_local(files: list[str]) -> list[dict]:
-    """Rows of local json / jsonl / txt files without `datasets` (a .txt file is one document)."""
-    import json
-
-    rows: list[dict] = []
-    for f in files:
-        suffix = Path(f).suffix
-        text = Path(f).read_text(encoding="utf-8")
-        if suffix == ".txt":
-            rows.append({"text": text})
-        elif suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
-            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
-        elif suffix == ".json":
-            rows.extend(json.loads(text))
-        else:
-            raise ConfigError(f"data.source {f}: reading {suffix} files needs the `datasets` package (pip install datasets)")
-    return rows
-
-
-def load_raw(cfg: DataConfig):
-    """The raw rows of a Hub name or local files: a `datasets.Dataset` (or, without `datasets`, a list of dicts
-    for local json / jsonl / txt files)."""
     files = _local_files(cfg.source)
     if files is not None:
         types = {LOCAL_TYPES.get(Path(f).suffix) for f in files}
         if None in types or len(types) != 1:
             raise ConfigError(f"data.source {cfg.source}: files must all be one of {sorted(LOCAL_TYPES)} types, got {files[:5]}")
         builder = types.pop()
-        if not _have_datasets():
-            rows = _read_local(files)
-            return rows[: cfg.num_samples] if cfg.num_samples is not None else rows
-        import datasets
-
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     else:
-        if not _have_datasets():
-            raise ConfigError(f"data.source {cfg.source!r}: loading a Hub dataset needs the `datasets` package")
-        import datasets
-
         if cfg.split.lower() in ("test", "validation", "eval"):
             logger.warning("training on the %r split of %s", cfg.split, cfg.source)
         try:
@@ -215,40 +182,6 @@ def load_raw(cfg: DataConfig):
     if cfg.num_samples is not None and len(ds) > cfg.num_samples:
         ds = ds.select(range(cfg.num_samples))
     return ds
-
-
-class TokenRows:
-    """Tokenized rows held in memory (``input_ids``, ``labels``): what `build_dataset` returns without `datasets`.
-
-    Indexing follows `datasets.Dataset`: an int gives a row dict, a list of ints a dict of columns,
-    a column name the whole column.
-    """
-
-    column_names = ["input_ids", "labels"]
-
-    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
-        self._cols = {"input_ids": input_ids, "labels": labels}
-
-    def __len__(self) -> int:
-        return len(self._cols["input_ids"])
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return self._cols[key]
-        if isinstance(key, (list, tuple, np.ndarray)):
-            return {k: [v[int(i)] for i in key] for k, v in self._cols.items()}
-        return {k: v[key] for k, v in self._cols.items()}
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-
-def _columns(rows: list[dict]) -> dict[str, list]:
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    return {k: [r.get(k) for r in rows] for k in keys}
 
 
 # --- tokenization ---------------------------------------------------------------------------------
@@ -338,35 +271,58 @@ def tokenize_sft(rows, tokenizer, cfg: DataConfig) -> tuple[list[list[int]], lis
     return ids_out, labels_out, dropped
 
 
-def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
-    """The tokenized training set: rows with ``input_ids`` and ``labels`` (a `datasets.Dataset`, or `TokenRows`
-    when `datasets` is not installed and the source is builtin or local json / jsonl / txt)."""
-    data_seed = cfg.seed if cfg.seed is not None else seed
-    if cfg.source.startswith("builtin"):
-        if tokenizer is None:
-            raise ConfigError("data.source=builtin needs a tokenizer (set `tokenizer`)")
-        raw = _builtin_rows(cfg, tokenizer, data_seed)
-        if not raw:
-            raise ConfigError(f"data.source {cfg.source}: produced no rows")
-        if _have_datasets():
-            import datasets
+def data_seed(cfg: DataConfig, run_seed: int) -> int:
+    """The seed of the data (generation, prose windows, order): ``data.seed``, or the run's seed."""
+    return cfg.seed if cfg.seed is not None else run_seed
 
-            raw = datasets.Dataset.from_list(raw)
-    else:
-        raw = load_raw(cfg)
-    in_memory = isinstance(raw, list)
-    columns = set(_columns(raw)) if in_memory else set(raw.column_names)
 
+def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> datasets.Dataset:
+    """The tokenized training set: rows with ``input_ids`` and ``labels`` (``seed``: the run's seed)."""
+    import datasets
+
+    seed = data_seed(cfg, seed)
+    raw = _builtin_dataset(cfg, tokenizer, seed) if cfg.source.startswith("builtin") else load_raw(cfg)
+    columns = set(raw.column_names)
+    fn, kwargs = _tokenize_fn(cfg, tokenizer, columns, len(raw))
+    ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
+    if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
+        logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
+                       len(raw) - len(ds), len(raw), cfg.seq_len)
+    if cfg.prose_blocks:
+        blocks = prose_windows(tokenizer, cfg.prose_blocks, cfg.prose_block_tokens or cfg.seq_len, seed)
+        extra = datasets.Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
+        ds = datasets.concatenate_datasets([ds, extra.cast(ds.features)])
+    if len(ds) == 0:
+        raise ConfigError(
+            f"data: no training sequence left from {cfg.source!r} (format={cfg.format}, seq_len={cfg.seq_len}); "
+            "for cpt the text must hold at least one full block; for sft lower the context length or raise seq_len"
+        )
+    return ds
+
+
+def _builtin_dataset(cfg: DataConfig, tokenizer, seed: int) -> datasets.Dataset:
+    import datasets
+
+    if tokenizer is None:
+        raise ConfigError("data.source=builtin needs a tokenizer (set `tokenizer`)")
+    rows = _builtin_rows(cfg, tokenizer, seed)
+    if not rows:
+        raise ConfigError(f"data.source {cfg.source}: produced no rows")
+    return datasets.Dataset.from_list(rows)
+
+
+def _tokenize_fn(cfg: DataConfig, tokenizer, columns: set[str], num_rows: int):
+    """The batched ``map`` function from raw rows to ``input_ids`` / ``labels`` rows, and its ``map`` settings."""
     if "input_ids" in columns:  # already tokenized
         def fn(batch):
             ids = batch["input_ids"]
             labels = batch["labels"] if batch.get("labels") is not None else [list(x) for x in ids]
             keep = [i for i, x in enumerate(ids) if 0 < len(x) <= cfg.seq_len]
             return {"input_ids": [list(ids[i]) for i in keep], "labels": [list(labels[i] or ids[i]) for i in keep]}
-        kwargs = {}
-    elif tokenizer is None:
+        return fn, {}
+    if tokenizer is None:
         raise ConfigError("the data is text: set `tokenizer` (an alias or directory) to tokenize it")
-    elif cfg.format == "cpt":
+    if cfg.format == "cpt":
         if cfg.text_field not in columns:
             raise ConfigError(f"data.format=cpt: no {cfg.text_field!r} column (columns: {sorted(columns)}); set data.text_field")
         eos = tokenizer.eos_token_id
@@ -376,37 +332,13 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0):
             blocks = pack_documents(_encode(tokenizer, [t for t in batch[field] if t]), cfg.seq_len, eos)
             return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
         # pack in one pass when small (no tail lost per batch), in batches of 1000 documents otherwise
-        kwargs = {"batch_size": max(1000, len(raw)) if len(raw) <= 20000 else 1000, "num_proc": cfg.num_proc}
-    else:
-        def fn(batch):
-            rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-            ids, labels, _ = tokenize_sft(rows, tokenizer, cfg)
-            return {"input_ids": ids, "labels": labels}
-        kwargs = {"num_proc": cfg.num_proc}
+        return fn, {"batch_size": max(1000, num_rows) if num_rows <= 20000 else 1000, "num_proc": cfg.num_proc}
 
-    if in_memory:
-        out = fn(_columns(raw))
-        ds = TokenRows(out["input_ids"], out["labels"])
-    else:
-        ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
-    if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
-        logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
-                       len(raw) - len(ds), len(raw), cfg.seq_len)
-    if cfg.prose_blocks:
-        blocks = prose_windows(tokenizer, cfg.prose_blocks, cfg.prose_block_tokens or cfg.seq_len, data_seed)
-        if isinstance(ds, TokenRows):
-            ds = TokenRows(ds["input_ids"] + blocks, ds["labels"] + [list(b) for b in blocks])
-        else:
-            import datasets
-
-            extra = datasets.Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
-            ds = datasets.concatenate_datasets([ds, extra.cast(ds.features)])
-    if len(ds) == 0:
-        raise ConfigError(
-            f"data: no training sequence left from {cfg.source!r} (format={cfg.format}, seq_len={cfg.seq_len}); "
-            "for cpt the text must hold at least one full block; for sft lower the context length or raise seq_len"
-        )
-    return ds
+    def fn(batch):
+        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        ids, labels, _ = tokenize_sft(rows, tokenizer, cfg)
+        return {"input_ids": ids, "labels": labels}
+    return fn, {"num_proc": cfg.num_proc}
 
 
 # --- order and batches -----------------------------------------------------------------------------
@@ -434,6 +366,11 @@ class SampleOrder:
 
     def rows(self, start: int, count: int) -> list[int]:
         return [self[k] for k in range(start, start + count)]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
@@ -488,6 +425,6 @@ def get_batch(dataset, order: SampleOrder, start: int, count: int, pad_id: int) 
 
 
 __all__ = [
-    "IGNORE_INDEX", "BatchPlan", "SampleOrder", "TokenRows", "build_dataset", "collate", "get_batch", "load_raw", "pack_documents",
-    "synthetic_samples", "tokenize_sft",
+    "IGNORE_INDEX", "BatchPlan", "SampleOrder", "build_dataset", "collate", "data_seed", "get_batch", "load_raw",
+    "pack_documents", "pad_token_id", "synthetic_samples", "tokenize_sft",
 ]

@@ -23,7 +23,7 @@ from ..methods.layer_budget import measure_allocation
 from ..models import load_model, load_tokenizer
 from .allocation_plot import plot_allocation
 from .config import DataConfig
-from .data import build_dataset, collate
+from .data import build_dataset, collate, pad_token_id
 
 
 def _train_batches(tokenizer, num_samples: int, seq_len: int, context_tokens: list[int], seed: int,
@@ -34,7 +34,7 @@ def _train_batches(tokenizer, num_samples: int, seq_len: int, context_tokens: li
     cfg.validate()
     data = build_dataset(cfg, tokenizer, seed=seed)
     rows = [data[i] for i in range(len(data))]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     return [collate(rows[i:i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 
 

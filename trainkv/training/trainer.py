@@ -1,18 +1,23 @@
 """The training loop every recipe uses: one function, `train(cfg)`, for any trainable eviction method.
 
-What it does, in order:
+`train` runs the steps of a `Run`, in order:
 
-1. an `accelerate.Accelerator` (TensorBoard logging into ``output_dir``; gradient accumulation from
-   the config, or from the DeepSpeed JSON when it fixes one);
-2. the base model (`trainkv.load_model`, or a random one from ``model_config``), the method attached
-   with `trainkv.attach` (backbone frozen), optional LoRA injected with peft beside it;
-3. AdamW over the parameters that require gradients (the method's, plus LoRA), warmup then cosine /
-   linear / constant learning rate;
-4. the data (`trainkv.training.data`), consumed in a fixed, seeded order counted in samples;
-5. the loop: ``loss, logs = Method.training_loss(model, batch, progress)``, backward, clipping, step,
-   logs (loss, the method's logs, lr, grad norm, tokens/s) to TensorBoard, ``metrics.jsonl`` and a
-   progress bar, and a checkpoint every ``save_every`` steps (`trainkv.training.checkpoint`);
-6. the method's weights (and LoRA) exported to ``output_dir/final/`` with `trainkv.save_gated`.
+1. `Run.__init__`: an `accelerate.Accelerator` (TensorBoard logging into ``output_dir``; gradient
+   accumulation from the config, or from the DeepSpeed JSON when it fixes one) and the seed;
+2. `Run.open_output_dir`: refuse to clobber an earlier run, or find the checkpoint to resume from;
+3. `Run.load_data`: the data (`trainkv.training.data`), consumed in a fixed, seeded order counted in samples;
+4. `Run.load_model`: the base model (`trainkv.load_model`, or a random one from ``model_config``), the
+   method attached (`trainkv.hub.load.attach_with_base`; backbone frozen), optional LoRA injected with
+   peft beside it, the resumed weights;
+5. `Run.prepare`: AdamW over the parameters that require gradients (the method's, plus LoRA), warmup
+   then cosine / linear / constant learning rate, `accelerator.prepare`, the batch plan;
+6. `Run.restore_progress`: optimizer, schedule and data position of the resumed checkpoint;
+7. `Run.run_steps`: per step ``loss, logs = Method.training_loss(model, batch, progress)``, backward,
+   clipping, optimizer step (`Run.optimizer_step`); logs (loss, the method's logs, lr, grad norm,
+   tokens/s) to TensorBoard, ``metrics.jsonl`` and a progress bar; a checkpoint every ``save_every``
+   steps (`trainkv.training.checkpoint`);
+8. `Run.export`: the method's weights (and LoRA) as a gate checkpoint in ``<output_dir>/final/``
+   (`trainkv.hub.save.to_checkpoint`), and ``train_summary.json``.
 
 The contract with a method (see `trainkv.methods.base.EvictionMethod`)::
 
@@ -40,20 +45,27 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import numpy as np
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig, inject_adapter_in_model
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..hub.load import attach_with_base
 from ..hub.format import LORA_PREFIX
+from ..hub.load import attach_with_base
 from ..hub.save import to_checkpoint
 from ..methods import METHOD_ATTR, get_method, method_modules
 from ..models import load_model, load_tokenizer
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import BatchPlan, SampleOrder, build_dataset, get_batch
+from .data import BatchPlan, SampleOrder, build_dataset, data_seed, get_batch, pad_token_id
+from .distributed import (all_reduce_grads, base_optimizer, check_deepspeed_batch, configure_deepspeed, gathered,
+                          is_deepspeed, zero_init, zero_stage)
 from .recompute import enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
@@ -82,7 +94,368 @@ class TrainResult:
         return [r["loss"] for r in self.history]
 
 
-# --- model ------------------------------------------------------------------------------------------
+# --- the run, step by step ---------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    tokenizer: Any = None,
+    dataset: Any = None,
+    *,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``cfg.method`` on ``cfg.model``; see the module docstring.
+
+    ``model`` (a model or a zero-argument factory), ``tokenizer`` and ``dataset`` (rows with
+    ``input_ids`` and ``labels``) replace what the config would load (tests, notebooks).
+    ``stop_after`` ends the loop after that many optimizer steps of this call without the final
+    export, like a killed run (tests of resume).
+    """
+    cfg.validate()
+    cfg.check_method()
+    run = Run(cfg)
+    run.open_output_dir()
+    run.load_data(tokenizer, dataset)
+    run.load_model(model)
+    run.prepare()
+    run.restore_progress()
+    run.announce()
+    run.run_steps(stop_after)
+    final_dir = run.export() if run.step >= cfg.max_steps else None
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return TrainResult(run.output_dir, final_dir, run.step, run.samples_seen, run.history, run.last_checkpoint,
+                       run.resume.path if run.resume else None)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, as read from disk."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    state: dict
+
+
+class Run:
+    """One training run: its settings, the accelerator, model, optimizer and data, and how far it got.
+
+    `train` calls the steps below in order; each fills in what the next ones use.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        """Set up the accelerator (precision, logging, accumulation) and seed every generator."""
+        self.cfg = cfg
+        self.method_cls = get_method(cfg.method["method"])
+        self.output_dir = Path(cfg.output_dir)
+        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+        self.on_gpu = torch.cuda.is_available() and not use_cpu
+        self.dtype = resolve_dtype(cfg.dtype, self.on_gpu)
+        self.mixed = resolve_mixed_precision(cfg, self.dtype, self.on_gpu)
+        self.accelerator = Accelerator(
+            log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+            project_dir=str(self.output_dir),
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=self.mixed,
+            step_scheduler_with_optimizer=False,
+        )
+        self.deepspeed = is_deepspeed(self.accelerator)
+        self.main = self.accelerator.is_main_process
+        set_seed(cfg.seed)
+        self.resume: Resume | None = None
+        self.step = self.samples_seen = self.total_tokens = 0
+        self.history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+
+    # --- 2. output directory and resume ---------------------------------------------------------------
+
+    def open_output_dir(self) -> None:
+        """Refuse to clobber an earlier run's checkpoints, clean up or start over, save the config, and read
+        the checkpoint to resume from (if any)."""
+        cfg, accelerator, output_dir = self.cfg, self.accelerator, self.output_dir
+        resume_from = _resolve_resume(cfg, output_dir)
+        root = ckpt.checkpoints_root(output_dir)
+        if resume_from is None and cfg.resume is False and ckpt.list_checkpoints(root) and not cfg.overwrite_output_dir:
+            raise ConfigError(
+                f"{output_dir} already holds checkpoints of an earlier run: pass --resume (or resume=auto) to continue "
+                f"it, overwrite_output_dir=true to start over, or another output_dir"
+            )
+        accelerator.wait_for_everyone()
+        if self.main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is None and cfg.overwrite_output_dir:
+                shutil.rmtree(root, ignore_errors=True)
+                (output_dir / METRICS_NAME).unlink(missing_ok=True)
+            ckpt.remove_partial(root)
+            cfg.save(output_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        if resume_from is not None:
+            weights, optimizer, state = ckpt.read_checkpoint(resume_from)
+            _check_compatible(state, cfg, resume_from)
+            self.resume = Resume(resume_from, weights, optimizer, state)
+        self.last_checkpoint = resume_from
+
+    # --- 3. data ----------------------------------------------------------------------------------------
+
+    def load_data(self, tokenizer: Any, dataset: Any) -> None:
+        """The tokenized rows (given, or built from ``cfg.data``), the padding id and the seeded sample order."""
+        cfg = self.cfg
+        if tokenizer is None and dataset is None and (cfg.tokenizer or cfg.model_config is None):
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        if dataset is None:
+            with self.accelerator.main_process_first():
+                dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)
+        self.dataset = dataset
+        self.pad_id = 0 if tokenizer is None else pad_token_id(tokenizer)
+        self.order = SampleOrder(len(dataset), data_seed(cfg.data, cfg.seed), cfg.data.shuffle)
+
+    # --- 4. model ---------------------------------------------------------------------------------------
+
+    def load_model(self, model: nn.Module | Callable[[], nn.Module] | None) -> None:
+        """The base model (given, from a factory, loaded or random), the method attached, LoRA, the resumed weights."""
+        cfg, accelerator = self.cfg, self.accelerator
+        # DeepSpeed places (and under ZeRO-3 partitions) the model itself: a pretrained model is loaded on the CPU
+        # first; a random `model_config` model is built on this process's GPU, where its init takes seconds.
+        device = accelerator.device
+        if self.deepspeed and (cfg.model_config is None or not self.on_gpu):
+            device = torch.device("cpu")
+        zero3_init = zero_stage(accelerator) == 3 and cfg.model_config is None and bool(
+            accelerator.state.deepspeed_plugin.zero3_init_flag)
+        with zero_init(zero3_init):
+            if model is None:
+                model = build_model(cfg, self.dtype, device)
+            elif not isinstance(model, nn.Module):
+                model = model()
+        model.config.use_cache = False
+        self.named = setup_trainable(model, cfg, upcast=self.mixed != "no" and not self.deepspeed)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)  # replays the method's forward state in the recomputation
+        model.train()
+        if self.resume is not None:
+            ckpt.check_names(self.resume.weights, self.named, self.resume.path)
+            ckpt.load_weights(self.named, self.resume.weights)
+        self.model = model
+        self.num_trainable = sum(p.numel() for _, p in self.named)
+        self.num_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
+
+    # --- 5. optimizer, accelerate, batches ----------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """AdamW and its schedule, `accelerator.prepare` (DDP / DeepSpeed), and the batch plan."""
+        cfg, accelerator = self.cfg, self.accelerator
+        # DeepSpeed: one parameter group (ZeRO links the optimizer state of a second group wrongly)
+        optimizer, self.group_names = make_optimizer(self.named, cfg, single_group=self.deepspeed)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        if self.deepspeed:
+            configure_deepspeed(accelerator, cfg)
+        self.wrapped, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.wrapped)
+        self.view = self.wrapped if self.wrapped is self.unwrapped else ModelView(self.wrapped, self.unwrapped)
+        self.ddp = isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
+        batch_size = cfg.batch_size
+        if self.deepspeed:
+            batch_size = int(accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"])
+        self.plan = BatchPlan(batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps,
+                              accelerator.process_index)
+        if self.deepspeed:
+            check_deepspeed_batch(accelerator, self.plan)
+
+    # --- 6. resume ----------------------------------------------------------------------------------------
+
+    def restore_progress(self) -> None:
+        """From the resumed checkpoint: optimizer state, schedule, step and samples consumed; metrics cut to it."""
+        resume = self.resume
+        if resume is not None:
+            ckpt.load_optimizer(self.accelerator, self.optimizer, self.named, resume.weights, resume.optimizer,
+                                resume.state.get("optimizer_param_groups", []))
+            self.scheduler.load_state_dict(resume.state["scheduler"])
+            for group, lr in zip(base_optimizer(self.optimizer).param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+            self.step, self.samples_seen = int(resume.state["step"]), int(resume.state["samples_seen"])
+            if resume.state.get("global_batch") != self.plan.global_batch:
+                logger.warning("resuming with a global batch of %d sequences (checkpoint: %s); continuing at sample %d",
+                               self.plan.global_batch, resume.state.get("global_batch"), self.samples_seen)
+            if self.main:
+                _truncate_metrics(self.output_dir / METRICS_NAME, self.step)
+        self.accelerator.wait_for_everyone()
+
+    def announce(self) -> None:
+        """One log line about the run; the TensorBoard trackers."""
+        cfg = self.cfg
+        if self.main:
+            logger.info("trainkv: %s on %s, %d trainable of %d parameters (%.3f%%), %d processes, global batch %d, "
+                        "%d steps%s", cfg.method["method"], cfg.model if cfg.model_config is None else "model_config",
+                        self.num_trainable, self.num_total, 100 * self.num_trainable / max(1, self.num_total),
+                        self.accelerator.num_processes, self.plan.global_batch, cfg.max_steps,
+                        f", resumed from {self.resume.path}" if self.resume else "")
+        if cfg.report_to != "none":
+            self.accelerator.init_trackers(cfg.run_name, config=_flat(cfg.to_dict()))
+
+    # --- 7. the loop ----------------------------------------------------------------------------------------
+
+    def run_steps(self, stop_after: int | None) -> None:
+        """Optimizer steps until ``max_steps`` (or ``stop_after`` steps of this call), each logged and checkpointed."""
+        cfg = self.cfg
+        metrics_file = open(self.output_dir / METRICS_NAME, "a") if self.main else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress_bar),
+                   desc=cfg.run_name, dynamic_ncols=True)
+        start_step = self.step
+        self.t_run = time.perf_counter()
+        try:
+            while self.step < cfg.max_steps:
+                if stop_after is not None and self.step - start_step >= stop_after:
+                    break
+                record = self.optimizer_step()
+                self.log(record, metrics_file, bar)
+                self.maybe_checkpoint(record)
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+
+    def optimizer_step(self) -> dict:
+        """One optimizer step over this process's micro-batches; returns the step's record (averaged over processes)."""
+        t0 = time.perf_counter()
+        seed_step(self.cfg.seed, self.step, self.accelerator.process_index)
+        progress = self.step / self.cfg.max_steps
+        losses, logs_sum, tokens, grad_norm = [], {}, 0, None
+        micro = self.plan.micro_batches(self.samples_seen)
+        for index, (start, count) in enumerate(micro):
+            last = index == len(micro) - 1
+            self.accelerator.sync_gradients = last  # DeepSpeed: accumulation boundary; accelerate: optimizer gating
+            batch = get_batch(self.dataset, self.order, start, count, self.pad_id)
+            tokens += int(batch["attention_mask"].sum())
+            loss, logs = self._forward_backward(batch, progress)
+            if last:
+                grad_norm = self._apply_gradients()
+            losses.append(loss.detach().float())
+            for k, v in (logs or {}).items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+        lr_used = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        self.samples_seen += self.plan.global_batch
+        return self._record(losses, logs_sum, tokens, lr_used, grad_norm, t0)
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], progress: float) -> tuple[torch.Tensor, dict]:
+        accelerator = self.accelerator
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # DDP never reduces by itself here: gradients are all-reduced in _apply_gradients (see all_reduce_grads)
+        with accelerator.no_sync(self.wrapped) if self.ddp else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss, logs = self.method_cls.training_loss(self.view, batch, progress)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {self.step + 1}: the loss is {loss.item()}")
+            accelerator.backward(loss)  # divides by the accumulation steps (DeepSpeed: its own scaling)
+        return loss, logs
+
+    def _apply_gradients(self) -> float | None:
+        """All-reduce (DDP), clip, step and zero the gradients; returns the gradient norm where it is measured."""
+        cfg, accelerator = self.cfg, self.accelerator
+        params = [p for _, p in self.named]
+        grad_norm = None
+        if self.ddp:
+            all_reduce_grads(params, accelerator.num_processes)
+        if self.deepspeed or cfg.clip_grad == "norm":  # DeepSpeed clipped inside backward; this reads the norm
+            norm = accelerator.clip_grad_norm_(params, cfg.clip_value)
+            grad_norm = float(norm) if norm is not None else None
+        elif cfg.clip_grad == "value":
+            accelerator.clip_grad_value_(params, cfg.clip_value)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _record(self, losses: list[torch.Tensor], logs_sum: dict[str, float], tokens: int, lr_used: float,
+                grad_norm: float | None, t0: float) -> dict:
+        """The step's record, averaged over the processes (a collective: every process takes part)."""
+        accelerator = self.accelerator
+        keys = sorted(logs_sum)
+        local = torch.stack([torch.stack(losses).mean().cpu()] + [torch.tensor(logs_sum[k] / len(losses)) for k in keys]
+                            + [torch.tensor(float(tokens))]).to(accelerator.device, torch.float64)
+        reduced = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
+        step_tokens = int(round(float(reduced[-1]) * accelerator.num_processes))
+        self.total_tokens += step_tokens
+        elapsed = time.perf_counter() - t0
+        record = {"step": self.step, "loss": float(reduced[0]),
+                  **{k: float(reduced[i + 1]) for i, k in enumerate(keys)},
+                  "lr": lr_used, "tokens_per_s": step_tokens / max(elapsed, 1e-9),
+                  "step_time_s": elapsed, "samples_seen": self.samples_seen}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if self.on_gpu:
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.history.append(record)
+        return record
+
+    def log(self, record: dict, metrics_file: TextIO | None, bar) -> None:
+        """Every ``log_every`` steps (and the last): TensorBoard and ``metrics.jsonl``; the progress bar every step."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if cfg.report_to != "none":
+                self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        bar.update(1)
+
+    def maybe_checkpoint(self, record: dict) -> None:
+        """Every ``save_every`` steps (not the last: the export follows), a resumable checkpoint."""
+        cfg, step = self.cfg, self.step
+        if not (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):
+            return
+        state = {"step": step, "samples_seen": self.samples_seen, "global_batch": self.plan.global_batch,
+                 "num_processes": self.accelerator.num_processes, "max_steps": cfg.max_steps,
+                 "scheduler": self.scheduler.state_dict(), "config": cfg.to_dict(),
+                 "param_groups": self.group_names, "loss": record["loss"]}
+        path = ckpt.save_checkpoint(self.accelerator, self.optimizer, self.named, state, self.output_dir, step,
+                                    cfg.keep_last)
+        self.last_checkpoint = path or ckpt.checkpoints_root(self.output_dir) / f"{ckpt.PREFIX}{step:08d}"
+
+    # --- 8. export ------------------------------------------------------------------------------------------
+
+    def export(self) -> Path:
+        """The finished run: the gate checkpoint in ``<output_dir>/final/`` and ``train_summary.json``."""
+        accelerator = self.accelerator
+        weights = ckpt.gather_weights(accelerator, self.named)
+        final_dir = self.output_dir / FINAL_NAME
+        _export_final(accelerator, self.unwrapped, self.named, weights, final_dir)
+        checksum = torch.tensor([float(sum(w.double().sum() for w in (p.detach().float() for _, p in self.named)))],
+                                dtype=torch.float64, device=accelerator.device)
+        checksums = [float(x) for x in accelerator.gather(checksum).cpu()]
+        memory = torch.tensor([torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
+                              if self.on_gpu else [0.0, 0.0], dtype=torch.float64, device=accelerator.device)
+        memory = accelerator.gather(memory).view(-1, 2).cpu().tolist()  # [process][allocated, reserved]
+        if not self.deepspeed and len(set(checksums)) > 1:
+            logger.warning("trainable weights differ between processes: %s", checksums)
+        if self.main:
+            self._write_summary(weights, checksums, memory)
+        return final_dir
+
+    def _write_summary(self, weights: dict[str, torch.Tensor], checksums: list[float],
+                       memory: list[list[float]]) -> None:
+        cfg, accelerator, on_gpu = self.cfg, self.accelerator, self.on_gpu
+        summary = {
+            "step": self.step, "samples_seen": self.samples_seen, "max_steps": cfg.max_steps,
+            "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+            "mixed_precision": self.mixed, "dtype": str(self.dtype).replace("torch.", ""),
+            "global_batch": self.plan.global_batch,
+            "trainable_parameters": self.num_trainable, "total_parameters": self.num_total,
+            "wall_time_s": time.perf_counter() - self.t_run, "tokens": self.total_tokens,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "resumed_from": str(self.resume.path) if self.resume else None,
+            "replica_checksums": checksums, "weights_sha256": _weights_digest(weights),
+            "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+            "max_memory_gib_per_process": [m[0] for m in memory] if on_gpu else None,
+            "max_memory_reserved_gib_per_process": [m[1] for m in memory] if on_gpu else None,
+        }
+        (self.output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+
+
+# --- model --------------------------------------------------------------------------------------------
 
 
 class ModelView:
@@ -125,8 +498,6 @@ def resolve_mixed_precision(cfg: TrainConfig, dtype: torch.dtype, on_gpu: bool) 
 def build_model(cfg: TrainConfig, dtype: torch.dtype, device) -> nn.Module:
     """The base model: `trainkv.load_model(cfg.model)`, or a random one built from ``cfg.model_config``."""
     if cfg.model_config is not None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         settings = dict(cfg.model_config)
         model_type = settings.pop("model_type", "llama")
         config = AutoConfig.for_model(model_type, **settings)
@@ -153,8 +524,6 @@ def setup_trainable(model: nn.Module, cfg: TrainConfig, upcast: bool) -> list[tu
     if not getattr(model.config, "trainkv_base_model", None):
         model.config.trainkv_base_model = getattr(model.config, "_name_or_path", None) or cfg.model
     if cfg.lora is not None:
-        from peft import LoraConfig, inject_adapter_in_model
-
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), bias=cfg.lora.bias,
                           exclude_modules=rf".*\.{METHOD_ATTR}(\..*)?")
@@ -228,7 +597,7 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(s)  # also seeds every CUDA device
 
 
-# --- helpers ------------------------------------------------------------------------------------------
+# --- resume, logging, export --------------------------------------------------------------------------
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -242,104 +611,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = str(v)
     return out
-
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _zero_stage(accelerator) -> int:
-    if not _is_deepspeed(accelerator):
-        return 0
-    return int(accelerator.state.deepspeed_plugin.zero_stage or 0)
-
-
-def _configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
-    """Fill the DeepSpeed JSON's ``auto`` batch and clipping fields from the config (no dataloader is prepared)."""
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = cfg.clip_value if cfg.clip_grad == "norm" else 0.0
-    if cfg.clip_grad == "value":
-        logger.warning("DeepSpeed clips by norm only: clip_grad=value is ignored (gradient_clipping=%s)",
-                       ds["gradient_clipping"])
-
-
-def _check_deepspeed_batch(accelerator, plan: BatchPlan) -> None:
-    """DeepSpeed's batch settings (after `prepare` filled the ``auto`` ones) must describe the trainer's batches."""
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    want = {"train_micro_batch_size_per_gpu": plan.batch_size, "gradient_accumulation_steps": plan.accumulation,
-            "train_batch_size": plan.global_batch}
-    have = {k: ds.get(k) for k in want}
-    wrong = {k: v for k, v in have.items() if v not in ("auto", None) and int(v) != want[k]}
-    if wrong:
-        raise ConfigError(
-            f"the DeepSpeed config's batch settings {have} do not match this run: {accelerator.num_processes} processes x "
-            f"batch {plan.batch_size} x accumulation {plan.accumulation} = {plan.global_batch} sequences per step. "
-            "Leave them \"auto\" in configs/deepspeed/*.json (filled from batch_size / gradient_accumulation_steps)"
-        )
-
-
-@contextlib.contextmanager
-def _zero_init(enabled: bool):
-    """Build the model inside DeepSpeed's ``zero.Init`` only when asked.
-
-    accelerate registers its ZeRO-3 config with transformers whatever ``zero3_init_flag`` says, so
-    ``from_pretrained`` / ``from_config`` would always construct partitioned weights. With the flag off
-    (and always for random ``model_config`` models, whose init must not depend on the launcher) the
-    model is built whole on every process and partitioned by `accelerator.prepare`.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_ds
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
-    if enabled or saved is None:
-        yield
-        return
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
-
-
-@contextlib.contextmanager
-def _gathered(accelerator, params):
-    """Under ZeRO-3, materialise ``params`` on every process for the duration (no-op otherwise)."""
-    if _zero_stage(accelerator) == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def _all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average the trainable parameters' gradients over the processes in one flat all-reduce.
-
-    Done by hand instead of by DDP's hooks so that any `training_loss` works: several forwards per
-    step, forwards under ``no_grad`` (DDP then never arms its reducer), parameters without gradient.
-    The trainable set is small (the method and LoRA), so one bucket is cheap. A parameter without a
-    gradient counts as a zero gradient.
-    """
-    import torch.distributed as dist
-
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat.div_(world)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
 
 
 def _resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
@@ -414,7 +685,7 @@ def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, t
     """Write the method (+ LoRA) to ``final_dir`` as a gate checkpoint (`trainkv.hub`), with the fp32 master values
     of the trained tensors; written to a temporary folder and renamed into place."""
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
-    with _gathered(accelerator, [p for _, p in named]):
+    with gathered(accelerator, [p for _, p in named]):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             checkpoint = to_checkpoint(unwrapped, card_name=str(final_dir))
@@ -426,266 +697,6 @@ def _export_final(accelerator, unwrapped: nn.Module, named, weights: dict[str, t
     accelerator.wait_for_everyone()
 
 
-# --- the loop -----------------------------------------------------------------------------------------
-
-
-def train(
-    cfg: TrainConfig,
-    model: nn.Module | Callable[[], nn.Module] | None = None,
-    tokenizer: Any = None,
-    dataset: Any = None,
-    *,
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Train ``cfg.method`` on ``cfg.model``; see the module docstring.
-
-    ``model`` (a model or a zero-argument factory), ``tokenizer`` and ``dataset`` (rows with
-    ``input_ids`` and ``labels``) replace what the config would load (tests, notebooks).
-    ``stop_after`` ends the loop after that many optimizer steps of this call without the final
-    export, like a killed run (tests of resume).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    cfg.validate()
-    cfg.check_method()
-    method_cls = get_method(cfg.method["method"])
-    output_dir = Path(cfg.output_dir)
-
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    on_gpu = torch.cuda.is_available() and not use_cpu
-    dtype = resolve_dtype(cfg.dtype, on_gpu)
-    mixed = resolve_mixed_precision(cfg, dtype, on_gpu)
-    accelerator = Accelerator(
-        log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
-        project_dir=str(output_dir),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=mixed,
-        step_scheduler_with_optimizer=False,
-    )
-    deepspeed = _is_deepspeed(accelerator)
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
-
-    # --- resume / output directory ---
-    resume_from = _resolve_resume(cfg, output_dir)
-    root = ckpt.checkpoints_root(output_dir)
-    if resume_from is None and cfg.resume is False and ckpt.list_checkpoints(root):
-        if not cfg.overwrite_output_dir:
-            raise ConfigError(
-                f"{output_dir} already holds checkpoints of an earlier run: pass --resume (or resume=auto) to continue "
-                f"it, overwrite_output_dir=true to start over, or another output_dir"
-            )
-    accelerator.wait_for_everyone()
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and cfg.overwrite_output_dir:
-            shutil.rmtree(root, ignore_errors=True)
-            (output_dir / METRICS_NAME).unlink(missing_ok=True)
-        ckpt.remove_partial(root)
-        cfg.save(output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    saved = None
-    if resume_from is not None:
-        weights_saved, opt_saved, saved = ckpt.read_checkpoint(resume_from)
-        _check_compatible(saved, cfg, resume_from)
-
-    # --- tokenizer, data ---
-    if tokenizer is None and dataset is None and (cfg.tokenizer or cfg.model_config is None):
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    if dataset is None:
-        with accelerator.main_process_first():
-            dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)
-    pad_id = 0
-    if tokenizer is not None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-    order = SampleOrder(len(dataset), data_seed, cfg.data.shuffle)
-
-    # --- model, method, LoRA ---
-    # DeepSpeed places (and under ZeRO-3 partitions) the model itself: a pretrained model is loaded on the CPU
-    # first; a random `model_config` model is built on this process's GPU, where its init takes seconds.
-    device = accelerator.device
-    if deepspeed and (cfg.model_config is None or not on_gpu):
-        device = torch.device("cpu")
-    zero_init = _zero_stage(accelerator) == 3 and cfg.model_config is None and bool(
-        accelerator.state.deepspeed_plugin.zero3_init_flag)
-    with _zero_init(zero_init):
-        if model is None:
-            model = build_model(cfg, dtype, device)
-        elif not isinstance(model, nn.Module):
-            model = model()
-    model.config.use_cache = False
-    named = setup_trainable(model, cfg, upcast=mixed != "no" and not deepspeed)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)  # replays the method's forward state in the recomputation
-    model.train()
-    if resume_from is not None:
-        ckpt.check_names(weights_saved, named, resume_from)
-        ckpt.load_weights(named, weights_saved)
-    num_trainable = sum(p.numel() for _, p in named)
-    num_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 init: partitioned
-
-    # DeepSpeed: one parameter group (ZeRO links the optimizer state of a second group wrongly)
-    optimizer, group_names = make_optimizer(named, cfg, single_group=deepspeed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    if deepspeed:
-        _configure_deepspeed(accelerator, cfg)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(wrapped)
-    view = wrapped if wrapped is unwrapped else ModelView(wrapped, unwrapped)
-    ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-    batch_size = cfg.batch_size
-    if deepspeed:
-        batch_size = int(accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"])
-    accumulation = accelerator.gradient_accumulation_steps
-    plan = BatchPlan(batch_size, accelerator.num_processes, accumulation, accelerator.process_index)
-    if deepspeed:
-        _check_deepspeed_batch(accelerator, plan)
-
-    step, samples_seen = 0, 0
-    if saved is not None:
-        ckpt.load_optimizer(accelerator, optimizer, named, weights_saved, opt_saved, saved.get("optimizer_param_groups", []))
-        scheduler.load_state_dict(saved["scheduler"])
-        for group, lr in zip(ckpt._base_optimizer(optimizer).param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-        step, samples_seen = int(saved["step"]), int(saved["samples_seen"])
-        if saved.get("global_batch") != plan.global_batch:
-            logger.warning("resuming with a global batch of %d sequences (checkpoint: %s); continuing at sample %d",
-                           plan.global_batch, saved.get("global_batch"), samples_seen)
-        if main:
-            _truncate_metrics(output_dir / METRICS_NAME, step)
-    accelerator.wait_for_everyone()
-
-    if main:
-        logger.info("trainkv: %s on %s, %d trainable of %d parameters (%.3f%%), %d processes, global batch %d, "
-                    "%d steps%s", cfg.method["method"], cfg.model if cfg.model_config is None else "model_config",
-                    num_trainable, num_total, 100 * num_trainable / max(1, num_total), accelerator.num_processes,
-                    plan.global_batch, cfg.max_steps, f", resumed from {resume_from}" if resume_from else "")
-    if cfg.report_to != "none":
-        accelerator.init_trackers(cfg.run_name, config=_flat(cfg.to_dict()))
-
-    history: list[dict] = []
-    metrics_file = open(output_dir / METRICS_NAME, "a") if main else None
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress_bar), desc=cfg.run_name,
-               dynamic_ncols=True)
-    last_checkpoint = resume_from
-    start_step = step
-    t_run = time.perf_counter()
-    total_tokens = 0
-    try:
-        while step < cfg.max_steps:
-            if stop_after is not None and step - start_step >= stop_after:
-                break
-            t0 = time.perf_counter()
-            seed_step(cfg.seed, step, accelerator.process_index)
-            progress = step / cfg.max_steps
-            losses, logs_sum, tokens = [], {}, 0
-            grad_norm = None
-            micro = plan.micro_batches(samples_seen)
-            for index, (start, count) in enumerate(micro):
-                last = index == len(micro) - 1
-                accelerator.sync_gradients = last  # DeepSpeed: accumulation boundary; accelerate: optimizer gating
-                batch = get_batch(dataset, order, start, count, pad_id)
-                tokens += int(batch["attention_mask"].sum())
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                # DDP never reduces by itself here: gradients are all-reduced below (see _all_reduce_grads)
-                with accelerator.no_sync(wrapped) if ddp else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        loss, logs = method_cls.training_loss(view, batch, progress)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"step {step + 1}: the loss is {loss.item()}")
-                    accelerator.backward(loss)  # divides by the accumulation steps (DeepSpeed: its own scaling)
-                if last:
-                    params = [p for _, p in named]
-                    if ddp:
-                        _all_reduce_grads(params, accelerator.num_processes)
-                    if deepspeed or cfg.clip_grad == "norm":  # DeepSpeed clipped inside backward; this reads the norm
-                        norm = accelerator.clip_grad_norm_(params, cfg.clip_value)
-                        grad_norm = float(norm) if norm is not None else None
-                    elif cfg.clip_grad == "value":
-                        accelerator.clip_grad_value_(params, cfg.clip_value)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().float())
-                for k, v in (logs or {}).items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
-            lr_used = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            samples_seen += plan.global_batch
-            # --- logging (a collective: every process takes part) ---
-            keys = sorted(logs_sum)
-            local = torch.stack([torch.stack(losses).mean().cpu()] + [torch.tensor(logs_sum[k] / len(losses)) for k in keys]
-                                + [torch.tensor(float(tokens))]).to(accelerator.device, torch.float64)
-            reduced = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
-            total_step_tokens = int(round(float(reduced[-1]) * accelerator.num_processes))
-            total_tokens += total_step_tokens
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": float(reduced[0]), **{k: float(reduced[i + 1]) for i, k in enumerate(keys)},
-                      "lr": lr_used, "tokens_per_s": total_step_tokens / max(elapsed, 1e-9),
-                      "step_time_s": elapsed, "samples_seen": samples_seen}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            if on_gpu:
-                record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            history.append(record)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                if cfg.report_to != "none":
-                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            bar.update(1)
-            # --- checkpoint ---
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                state = {"step": step, "samples_seen": samples_seen, "global_batch": plan.global_batch,
-                         "num_processes": accelerator.num_processes, "max_steps": cfg.max_steps,
-                         "scheduler": scheduler.state_dict(), "config": cfg.to_dict(),
-                         "param_groups": group_names, "loss": record["loss"]}
-                path = ckpt.save_checkpoint(accelerator, optimizer, named, state, output_dir, step, cfg.keep_last)
-                last_checkpoint = path or ckpt.checkpoints_root(output_dir) / f"{ckpt.PREFIX}{step:08d}"
-    finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-
-    final_dir = None
-    finished = step >= cfg.max_steps
-    if finished:
-        weights = ckpt.gather_weights(accelerator, named)
-        final_dir = output_dir / FINAL_NAME
-        _export_final(accelerator, unwrapped, named, weights, final_dir)
-        checksum = torch.tensor([float(sum(w.double().sum() for w in (p.detach().float() for _, p in named)))],
-                                dtype=torch.float64, device=accelerator.device)
-        checksums = [float(x) for x in accelerator.gather(checksum).cpu()]
-        memory = torch.tensor([torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
-                              if on_gpu else [0.0, 0.0], dtype=torch.float64, device=accelerator.device)
-        memory = accelerator.gather(memory).view(-1, 2).cpu().tolist()  # [process][allocated, reserved]
-        if not deepspeed and len(set(checksums)) > 1:
-            logger.warning("trainable weights differ between processes: %s", checksums)
-        if main:
-            summary = {
-                "step": step, "samples_seen": samples_seen, "max_steps": cfg.max_steps,
-                "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-                "mixed_precision": mixed, "dtype": str(dtype).replace("torch.", ""), "global_batch": plan.global_batch,
-                "trainable_parameters": num_trainable, "total_parameters": num_total,
-                "wall_time_s": time.perf_counter() - t_run, "tokens": total_tokens,
-                "final_loss": history[-1]["loss"] if history else None, "resumed_from": str(resume_from) if resume_from else None,
-                "replica_checksums": checksums, "weights_sha256": _weights_digest(weights),
-                "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
-                "max_memory_gib_per_process": [m[0] for m in memory] if on_gpu else None,
-                "max_memory_reserved_gib_per_process": [m[1] for m in memory] if on_gpu else None,
-            }
-            (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(output_dir, final_dir, step, samples_seen, history, last_checkpoint, resume_from)
-
-
 def _weights_digest(weights: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(weights):
@@ -694,4 +705,5 @@ def _weights_digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["ModelView", "TrainResult", "build_model", "lr_factor", "make_optimizer", "seed_step", "setup_trainable", "train"]
+__all__ = ["ModelView", "Run", "TrainResult", "build_model", "lr_factor", "make_optimizer", "seed_step",
+           "setup_trainable", "train"]
