@@ -2,7 +2,8 @@
 
 `attach` adds one method module per layer as ``self_attn.trainkv_method``, freezes the backbone,
 routes attention through the registered ``"trainkv"`` function and gives the model a `generate`
-that builds an `EvictingCache` and prefills in chunks. Nothing in transformers' code is edited:
+that builds an `EvictingCache`, prefills in chunks and decodes with static shapes where it can (issue 19:
+`trainkv.static_decode`, captured as CUDA graphs by `trainkv.decode_graphs`). Nothing in transformers' code is edited:
 the model's class is swapped for a subclass adding that `generate`, and two forward pre-hooks
 hand the cache layer and hidden states to the attention function.
 """
@@ -17,10 +18,12 @@ import torch.nn as nn
 from .attention import ATTN_NAME, register
 from .cache import EvictingCache
 from .config import EvictionConfig
+from .decode_graphs import DecodeGraphs
 from .hub.push import push_to_hub
 from .hub.save import save_gated
-from .methods import METHOD_ATTR, MethodConfig, get_method, make_config
+from .methods import METHOD_ATTR, MethodConfig, get_method, make_config, method_modules
 from .models import check_supported, decoder_layers
+from .static_decode import DecodeOptions, log_once
 
 
 @dataclass
@@ -31,6 +34,8 @@ class AttachedState:
     original_attn: str
     handles: list = field(default_factory=list)
     requires_grad: dict = field(default_factory=dict)  # backbone parameters' flags before freezing
+    decode: DecodeOptions = field(default_factory=DecodeOptions)  # static decode / CUDA graphs (issue 19)
+    graphs: DecodeGraphs | None = None  # captured decode steps, per batch size and buffer shape
 
 
 def _bind_layer(module, args, kwargs):
@@ -40,8 +45,20 @@ def _bind_layer(module, args, kwargs):
     module._trainkv_hidden = kwargs.get("hidden_states", args[0] if args else None)
 
 
+_NO_MASK: dict = {}
+
+
+def _placeholder_mask(device: torch.device) -> torch.Tensor:
+    """A 4D mask transformers passes through untouched: a static decode step builds no mask (its attention masks
+    from the slots' validity)."""
+    mask = _NO_MASK.get(device)
+    if mask is None:
+        mask = _NO_MASK[device] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+    return mask
+
+
 def _begin_forward(model, args, kwargs):
-    """Model pre-hook: tell the cache which new tokens are padding."""
+    """Model pre-hook: tell the cache which new tokens are padding (and skip mask building in a static step)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if not isinstance(cache, EvictingCache):
         return
@@ -49,12 +66,24 @@ def _begin_forward(model, args, kwargs):
     embeds = kwargs.get("inputs_embeds")
     num_new = ids.shape[-1] if ids is not None else embeds.shape[1]
     cache.begin_forward(kwargs.get("attention_mask"), num_new)
+    if cache.static_step:
+        kwargs["attention_mask"] = _placeholder_mask((ids if ids is not None else embeds).device)
+        return args, kwargs
 
 
 class EvictingGenerationMixin:
     """Adds eviction defaults to `generate`: an `EvictingCache` and chunked prefill."""
 
-    def generate(self, inputs=None, generation_config=None, eviction: EvictionConfig | dict | None = None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, eviction: EvictionConfig | dict | None = None,
+                 static_decode: bool | None = None, cuda_graphs: bool | None = None, **kwargs):
+        """transformers' `generate` with an `EvictingCache` (built from the attached settings changed by ``eviction``,
+        unless ``cache=`` is given) and chunked prefill.
+
+        static_decode: decode with static shapes once the prompt is in (issue 19; None: the attached
+            `DecodeOptions`, by default on for accelerators, off on CPU). cuda_graphs: capture those steps as CUDA
+            graphs (None: the attached options, by default on with CUDA). Settings that cannot stay static
+            (threshold mode, ``evict_during_decoding=False``, ratio budgets, Ada-KV) decode as before, logged once.
+        """
         state: AttachedState = self.trainkv_state
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[-1] == 0:
@@ -79,7 +108,54 @@ class EvictingGenerationMixin:
         if isinstance(cache, EvictingCache) and "prefill_chunk_size" not in kwargs:
             if generation_config is None or getattr(generation_config, "prefill_chunk_size", None) is None:
                 kwargs["prefill_chunk_size"] = cache.config.chunk_size
-        return super().generate(inputs, generation_config=generation_config, cache=cache, **kwargs)
+        if not isinstance(cache, EvictingCache):
+            return super().generate(inputs, generation_config=generation_config, cache=cache, **kwargs)
+        self._configure_decode(cache, state.decode.merged(static=static_decode, cuda_graphs=cuda_graphs))
+        cache.decode_horizon = self._decode_horizon(cache, generation_config, kwargs)
+        try:
+            return super().generate(inputs, generation_config=generation_config, cache=cache, **kwargs)
+        finally:
+            cache.end_static()  # the returned cache is in today's compacted layout
+            cache.use_graphs = False
+
+    def _decode_horizon(self, cache: EvictingCache, generation_config, kwargs) -> int | None:
+        """The most tokens ``cache`` will have seen at the end of this call (prompt + new tokens), or None."""
+        if cache.prefill_end is None:
+            return None
+        config = generation_config if generation_config is not None else self.generation_config
+        new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if new is not None:
+            return cache.get_seq_length() + cache.prefill_end + int(new)
+        length = kwargs.get("max_length", getattr(config, "max_length", None))
+        return cache.get_seq_length() + int(length) if length is not None else None
+
+    def _configure_decode(self, cache: EvictingCache, options: DecodeOptions) -> None:
+        device = next(self.parameters()).device
+        method = self.trainkv_state.method
+        modules = method_modules(self)
+        cache.static_decode = options.static_enabled(device)
+        cache.track_layout = any(getattr(m, "static_layout", True) for m in modules)
+        cache.compile_step = options.compile_enabled(device) and cache.static_decode
+        graphs = self.trainkv_state.graphs
+        emulated = graphs is not None and graphs.emulate and bool(options.cuda_graphs)  # CPU tests of the runner
+        cache.use_graphs = cache.static_decode and (options.graphs_enabled(device) or emulated)
+        if cache.static_decode and not cache.use_graphs and device.type != "cuda":
+            log_once(f"CUDA graphs off: the model is on {device.type}; the static decode step runs eagerly")
+        if cache.use_graphs and not all(getattr(m, "cuda_graph_safe", False) for m in modules):
+            log_once(f"CUDA graphs off for method {method.name!r}: its scoring is not graph-safe; "
+                     "static decode runs eagerly")
+            cache.use_graphs = False
+
+    def __call__(self, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, EvictingCache) and getattr(cache, "use_graphs", False) and not args:
+            state: AttachedState = self.trainkv_state
+            if state.graphs is None:
+                state.graphs = DecodeGraphs(state.decode.max_graphs)
+            out = state.graphs.step(self, super().__call__, cache, kwargs)
+            if out is not None:
+                return out
+        return super().__call__(*args, **kwargs)
 
     def save_pretrained(self, save_directory, eval_table: str | None = None, **kwargs):
         """Save the method's weights and settings (like a PEFT adapter), not the backbone."""
@@ -89,9 +165,16 @@ class EvictingGenerationMixin:
         """Push the method's checkpoint (weights, settings, model card) to a Hub repo."""
         return push_to_hub(self, repo_id, token=token, private=private, endpoint=endpoint, **kwargs)
 
-    def new_cache(self, eviction: EvictionConfig | dict | None = None) -> EvictingCache:
-        """An empty `EvictingCache` with the attached settings, changed by ``eviction`` (`EvictionConfig.merged`)."""
-        return EvictingCache.for_model(self, self.trainkv_state.eviction.merged(eviction))
+    def new_cache(self, eviction: EvictionConfig | dict | None = None,
+                  decode: DecodeOptions | dict | None = None) -> EvictingCache:
+        """An empty `EvictingCache` with the attached settings, changed by ``eviction`` (`EvictionConfig.merged`).
+
+        ``decode``: static decode / CUDA graph options for forwards made directly with this cache (`generate`
+        sets them itself); without it, forwards with this cache use the compacting step."""
+        cache = EvictingCache.for_model(self, self.trainkv_state.eviction.merged(eviction))
+        if decode is not None:
+            self._configure_decode(cache, self.trainkv_state.decode.merged(decode))
+        return cache
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -108,13 +191,16 @@ def attach(
     method: str | dict | MethodConfig = "streaming_llm",
     eviction: EvictionConfig | dict | None = None,
     freeze: bool = True,
+    decode: DecodeOptions | dict | None = None,
     **method_overrides,
 ) -> nn.Module:
     """Attach an eviction method to ``model`` in place and return it.
 
     ``method``: a registered method name, a config dict or a `MethodConfig`; ``eviction``: runtime
     settings (budget, sinks, window, chunk size). The backbone is frozen (``freeze=True``); only the
-    method's parameters stay trainable.
+    method's parameters stay trainable. ``decode``: how decoding steps run (`DecodeOptions`: static shapes,
+    CUDA graphs; default: both on with CUDA, compacting step on CPU); ``generate(static_decode=...,
+    cuda_graphs=...)`` changes them per call.
     """
     if hasattr(model, "trainkv_state"):
         raise ValueError("a trainkv method is already attached; call trainkv.detach(model) first")
@@ -127,7 +213,8 @@ def attach(
     text_config = model.config.get_text_config(decoder=True)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    state = AttachedState(method_config, eviction_config, type(model), model.config._attn_implementation)
+    state = AttachedState(method_config, eviction_config, type(model), model.config._attn_implementation,
+                          decode=DecodeOptions().merged(decode))
     state.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     if freeze:
         model.requires_grad_(False)

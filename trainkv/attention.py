@@ -1,7 +1,8 @@
 """trainkv's attention function, registered with transformers' `AttentionInterface` as ``"trainkv"``.
 
 With an `EvictingCache` bound to the layer it attends over the stored (compacted, possibly ragged)
-entries, then lets the layer's method score the entries and evicts down to the budget. Without one
+entries, then lets the layer's method score the entries and evicts down to the budget (in a static decode
+step, issue 19, over the layer's fixed slot buffer, replacing one slot per head: `static_step`). Without one
 (plain forwards, training) it is transformers' SDPA attention, unless the method supplies its own
 training attention.
 """
@@ -89,6 +90,8 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
                 return out
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+    if layer.slots is not None:
+        return static_step(module, query, layer, method, hidden_states, scaling)
     config = layer.owner.config
     out = stored_attention(query, layer, scaling)
     budgets = _budget_tensor(tuple(config.budget_for(layer.layer_idx, layer.keys.shape[1], layer.seen)))
@@ -104,6 +107,57 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
         with scope(EVICT):
             layer.evict(budgets, config.sink_tokens, config.recent_window, threshold)
     return out.transpose(1, 2).contiguous(), None
+
+
+def static_step(module, query, layer, method, hidden_states, scaling):
+    """A static-shape decoding step (issue 19, `trainkv.static_decode`): attention over the layer's slots, the
+    method's scores, then one slot replaced per (row, head). No host read, no allocation beyond temporaries.
+
+    Methods see ``will_evict=True`` at every step (scores are recomputed each step; only the eviction decision
+    is made on the device). Method state that a method replaces (e.g. ``layer.scores = ...``, a query window)
+    is copied back into the tensor it replaced when shapes agree, so the buffers a CUDA graph reads stay put.
+    """
+    slots = layer.slots
+    out = slots.attend(layer, query, scaling)
+    if method is not None:
+        before = _state_tensors(layer)
+        ctx = ScoreContext(module, layer, hidden_states, query, scaling, True)
+        with torch.no_grad(), scope(SCORE):
+            method.update_scores(ctx)
+        _restore_identity(layer, before)
+    with scope(EVICT):
+        slots.evict(layer)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_LAYER_TENSORS = ("keys", "values", "positions", "scores", "valid")
+
+
+def _state_tensors(layer) -> dict:
+    out = {name: getattr(layer, name) for name in _LAYER_TENSORS}
+    for key, value in layer.state.items():
+        if torch.is_tensor(value):
+            out[("state", key)] = value
+    return out
+
+
+def _restore_identity(layer, before: dict) -> None:
+    """Where a method replaced a layer tensor by a new one of the same shape and dtype, copy the new values into
+    the old tensor and put it back (a captured graph keeps reading and writing the same memory)."""
+    for name, old in before.items():
+        if isinstance(name, tuple):
+            new = layer.state.get(name[1])
+        else:
+            new = getattr(layer, name)
+        if new is old or not torch.is_tensor(new) or new.shape != old.shape or new.dtype != old.dtype:
+            continue
+        if new.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():
+            new = new.clone()  # a view of the old tensor: copy through a temporary
+        old.copy_(new)
+        if isinstance(name, tuple):
+            layer.state[name[1]] = old
+        else:
+            setattr(layer, name, old)
 
 
 def register() -> None:

@@ -8,6 +8,11 @@ after RoPE at their original positions (no re-rotation); the position of every e
 
 `get_seq_length()` returns the number of tokens *seen* (what generate uses for positions and chunk
 slicing), not the number kept.
+
+Decoding steps can instead run with static shapes (issue 19, `trainkv.static_decode`): once enabled on the
+cache (``static_decode``, set by an attached model's `generate`), every one-token forward after the
+prompt writes into a preallocated per-layer slot buffer and replaces one slot in place; the layer leaves
+that mode (back to the compacted layout) on any other forward and at the end of `generate`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import EvictionConfig
+from .static_decode import SlotState, log_once, static_budgets, unsupported_reason
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -39,6 +45,7 @@ class EvictingLayer(CacheLayerMixin):
         # Host-side entries held per KV head (same in every row), recorded with the validity tensor they
         # describe: lets eviction with ragged heads run without reading counts back from the device.
         self._held: tuple[torch.Tensor, list[int]] | None = None
+        self.slots: SlotState | None = None  # static decode (issue 19): set while the layer is a slot buffer
 
     # --- transformers CacheLayerMixin API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -55,6 +62,10 @@ class EvictingLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         b, h, c, _ = key_states.shape
         call_kwargs = kwargs.get("kwargs", kwargs) or {}
+        if self.owner.static_step or self.slots is not None:
+            if self.owner.static_step and c == 1 and self._static_update(key_states, value_states, call_kwargs):
+                return self.keys, self.values
+            self.exit_static()
         pos = call_kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(self.seen, self.seen + c, device=self.device)[None]
@@ -78,6 +89,47 @@ class EvictingLayer(CacheLayerMixin):
         self.seen += c
         self.new_tokens = c
         return self.keys, self.values
+
+    def _static_update(self, key_states, value_states, call_kwargs) -> bool:
+        """A static decode step's write (issue 19): enter the slot buffers if needed, put the new token in the
+        last slot. False (nothing done) when the layer cannot enter them now (a head above its budget)."""
+        if self.slots is None:
+            owner = self.owner
+            config = owner.config
+            budgets = static_budgets(config, self.layer_idx, self.keys.shape[1])
+            self.slots = SlotState.enter(self, budgets, config.sink_tokens, config.recent_window, owner.track_layout,
+                                         compile_step=owner.compile_step, horizon=owner.decode_horizon)
+            if self.slots is None:
+                log_once("static decode: a head holds more than its budget; this step compacts instead")
+                return False
+        elif self.slots.max_seen is not None and self.seen + 1 > self.slots.max_seen:
+            log_once("static decode: more tokens than the decoding horizon the slots were sized for; compacting")
+            return False
+        b, h = self.keys.shape[:2]
+        pos = call_kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.full((b, 1), self.seen, dtype=torch.long, device=self.device)
+        pos = pos.to(self.device, torch.long).reshape(-1, 1)[:, :1].expand(b, h)
+        self.slots.append(self, key_states, value_states, pos)
+        self.seen += 1
+        self.new_tokens = 1
+        return True
+
+    def exit_static(self) -> None:
+        """Leave the slot buffers: today's compacted layout again (no-op when not in them)."""
+        if self.slots is not None:
+            slots, self.slots = self.slots, None
+            slots.to_compact(self)
+
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-entry tensor ``[B, H, L]`` in the order of the compacted cache (identity unless the layer is in
+        static decode with layout tracking; see `trainkv.static_decode`). Methods whose scores depend on
+        neighbouring entries or on slot-aligned heads compute through it."""
+        return x if self.slots is None or not self.slots.track else self.slots.to_layout(self, x)
+
+    def from_layout(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_layout` (``y`` may have one head, broadcast to all)."""
+        return y if self.slots is None or not self.slots.track else self.slots.from_layout(self, y)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -106,6 +158,11 @@ class EvictingLayer(CacheLayerMixin):
     def _select_batch(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
+        if self.slots is not None:
+            if index.numel() == self.keys.shape[0]:  # beam reordering: in place, the buffers (and graphs) stay
+                self._select_rows_in_place(index.to(self.device))
+                return
+            self.exit_static()
         held = self.held_counts()  # the same for every row, so any row selection keeps it
         for name in ("keys", "values", "positions", "scores", "valid"):
             t = getattr(self, name)
@@ -116,6 +173,19 @@ class EvictingLayer(CacheLayerMixin):
                 self.state[key] = t.index_select(0, index.to(t.device))
         self._held = (self.valid, held) if held is not None and self.valid is not None else None
 
+    def _select_rows_in_place(self, index: torch.Tensor) -> None:
+        for name in ("keys", "values", "positions", "scores", "valid"):
+            t = getattr(self, name)
+            t.copy_(t.index_select(0, index))
+        self.slots.select_rows(index)
+        for key, t in list(self.state.items()):
+            if torch.is_tensor(t) and t.dim() > 0:
+                moved = t.index_select(0, index)
+                if moved.shape == t.shape:
+                    t.copy_(moved)
+                else:
+                    self.state[key] = moved
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
 
@@ -123,6 +193,7 @@ class EvictingLayer(CacheLayerMixin):
         self._select_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.exit_static()
         if self.is_initialized:
             b = self.keys.shape[0]
             self._select_batch(torch.arange(b, device=self.device).repeat_interleave(repeats))
@@ -247,6 +318,14 @@ class EvictingCache(Cache):
         self.eviction_enabled = True  # False: append without evicting (e.g. the question after a compressed context)
         self.runtime_bound = False  # set by an attached model's forward pre-hook (see begin_forward)
         self.prefill_end: int | None = None  # tokens seen once generate's prompt is prefilled (None: unknown)
+        # Static decode (issue 19, trainkv.static_decode): off for a bare cache; an attached model's generate
+        # turns it on (on accelerators by default). track_layout: the method's scores depend on today's layout.
+        self.static_decode = False
+        self.track_layout = True
+        self.compile_step = False
+        self.use_graphs = False  # capture static steps as CUDA graphs (trainkv.decode_graphs; set by generate)
+        self.decode_horizon: int | None = None  # most tokens the cache will see (prompt + new tokens), if known
+        self.static_step = False  # this forward is a static decode step (decided in begin_forward)
 
     @classmethod
     def for_model(cls, model, config: EvictionConfig | None = None) -> "EvictingCache":
@@ -254,8 +333,17 @@ class EvictingCache(Cache):
         return cls(text_config.num_hidden_layers, config)
 
     def begin_forward(self, attention_mask: torch.Tensor | None, num_new: int) -> None:
-        """Record which of the next ``num_new`` tokens are padding (from the 2D attention mask)."""
+        """Record which of the next ``num_new`` tokens are padding (from the 2D attention mask).
+
+        A static decode step (`wants_static_step`) reads nothing from the mask: every decoded token is taken
+        as a real token (generate never feeds a padded decoding token; finished rows get pad ids with mask 1).
+        """
         self.runtime_bound = True
+        self.__dict__.pop("_graph_entry", None)  # an eager forward: a graph replay must re-check its binding
+        self.static_step = self.wants_static_step(num_new)
+        if self.static_step:
+            self.pending_valid = None
+            return
         if attention_mask is None or attention_mask.dim() != 2:
             self.pending_valid = None
             return
@@ -266,6 +354,46 @@ class EvictingCache(Cache):
             )
         new = attention_mask[:, -num_new:].bool()
         self.pending_valid = None if bool(new.all()) else new
+
+    def static_unsupported(self) -> str | None:
+        """Why this cache's settings cannot decode with static shapes (None: they can)."""
+        memo = self.__dict__.get("_static_reason")
+        if memo is not None and memo[0] is self.config:
+            return memo[1]
+        first = self.layers[0]
+        heads = first.keys.shape[1] if first.is_initialized else None
+        reason = unsupported_reason(self.config, len(self.layers), heads)
+        if heads is not None:
+            self._static_reason = (self.config, reason)
+        return reason
+
+    def wants_static_step(self, num_new: int) -> bool:
+        """Whether a forward of ``num_new`` tokens is a static decode step (host-side only, no device read):
+        static decode on, one token, after the prompt, settings that keep a fixed budget, eviction enabled."""
+        if not self.static_decode or num_new != 1:
+            return False
+        seen = self.layers[0].seen
+        if seen == 0 or (self.prefill_end is not None and seen < self.prefill_end):
+            return False
+        reason = self.static_unsupported()
+        if reason is not None:
+            log_once(reason)
+            return False
+        if not self.eviction_enabled:
+            log_once("static decode off while eviction is paused (eviction_enabled=False): the cache grows")
+            return False
+        return True
+
+    def end_static(self) -> None:
+        """Every layer back to today's compacted layout (end of generate; idempotent)."""
+        self.static_step = False
+        self.__dict__.pop("_graph_entry", None)
+        for layer in self.layers:
+            layer.exit_static()
+
+    @property
+    def in_static(self) -> bool:
+        return all(layer.slots is not None for layer in self.layers)
 
     @property
     def tokens_seen(self) -> int:

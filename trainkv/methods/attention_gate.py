@@ -9,7 +9,7 @@ https://arxiv.org/abs/2506.05345): soft log-gates added to attention logits outs
 window, self-distillation to the same frozen model with eviction off, and a one-sided global
 keep-ratio loss ramped from no eviction.
 
-Semantics shared by training and the runtime (invariant 5). With prefill chunk size C, sink tokens S
+Semantics shared by training and the runtime. With prefill chunk size C, sink tokens S
 and recent window W, a query in chunk m sees key j unconditionally when j is a sink, lies in chunk m,
 or lies within the W most recent positions at the end of chunk m-1 (those survived the last
 eviction as protected). Every other earlier key survives only if its gate keeps it: at run time its

@@ -94,6 +94,12 @@ class EvictionMethod(nn.Module):
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     trainable: ClassVar[bool] = False
+    #: Static decode (issue 19): the scores depend on where entries sit in the compacted cache (neighbours, heads
+    #: aligned slot by slot), so the runtime tracks that layout; such a method reads it through
+    #: ``layer.to_layout`` / ``layer.from_layout`` (identities on the compacted cache).
+    static_layout: ClassVar[bool] = False
+    #: Its per-step scoring can be replayed from a CUDA graph (no host-side random numbers or tensors per step).
+    cuda_graph_safe: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, model_config, layer_idx: int):
         super().__init__()

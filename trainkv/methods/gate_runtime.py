@@ -4,7 +4,7 @@
 direct path in a single matmul), the sliding-window attention over ``[ring buffer, new keys]`` and
 the output projection. Training (whole sequences, ring = invalid zeros) and the runtime (chunks,
 ring = the last ``gate_window`` gate keys/values) call the same function, so their numbers agree by
-construction (invariant 5).
+construction.
 
 Compiling it is a run-time option, not part of any checkpoint:
 

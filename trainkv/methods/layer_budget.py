@@ -1,10 +1,13 @@
 """Learned layer (and head) budgets: how much of one total KV budget each layer / KV head gets.
 
-Rule-based allocators (uniform, PyramidKV, Ada-KV, XKV: `trainkv.budgets`) split the budget by a
-fixed rule; this method *learns* the split on top of a trained scorer. It wraps a frozen Attention-Gate
-or Locret (retaining head) scorer, whose settings and weights come from ``base_checkpoint`` (read by
-`trainkv.hub.bases`, where checkpoints are loaded; this module does no I/O) or are trained jointly (``train_base``),
-and adds per layer (``per_head``: per KV head) a trainable offset ``b`` to the scorer's keep-logits:
+trainkv's own method (no paper of its own). Rule-based allocators (uniform; PyramidKV, Cai et al.,
+https://arxiv.org/abs/2406.02069; Ada-KV, Feng et al., https://arxiv.org/abs/2407.11550; XKV: all in
+`trainkv.budgets`) split the budget by a fixed rule; this method *learns* the split on top of a trained
+scorer, with the Attention-Gate objective (https://arxiv.org/abs/2410.12876). It wraps a frozen
+Attention-Gate or Locret (retaining head) scorer, whose settings and weights come from
+``base_checkpoint`` (read by `trainkv.hub.bases`, where checkpoints are loaded; this module does no I/O)
+or are trained jointly (``train_base``), and adds per layer (``per_head``: per KV head) a trainable
+offset ``b`` to the scorer's keep-logits:
 
 * Attention-Gate base: ``z = gate_logit + b``;
 * Locret base: ``z = exp(a) * (s - mu) / sd + b`` (``mu``/``sd``: the scores' mean / std per head,
@@ -19,13 +22,13 @@ heads and evictable tokens. The hinge is *global*: the model decides which layer
 From logits to budgets. During the last ``1 - measure_from`` of training, the soft keep fraction of each
 (layer, head) on the training batches is averaged (in memory, not in resumable checkpoints: a run resumed
 inside that stretch measures only the steps after the resume; `measure_allocation` re-measures on
-demand, ``python -m trainkv.training.layer_budget measure``); these are saved as the checkpoint's ``EvictionConfig.allocation_weights`` (per-layer mode:
-each layer's mean, the same for its heads). At
+demand, ``python -m trainkv.training.layer_budget measure``); these are saved as the checkpoint's
+``EvictionConfig.allocation_weights`` (per-layer mode: each layer's mean, the same for its heads). At
 run time a budget of ``B`` entries per head on average becomes integer budgets proportional to them,
 at least the protected tokens each, summing exactly to ``B x layers x KV heads``
-(`trainkv.budgets.weighted`), for whatever ``B`` the runtime or ``trainkv eval`` uses. (Deviation
-from "save integer ``head_budgets``": those would pin one total and override every evaluated budget;
-the integer budgets at the trained ratio are written to ``allocation.json`` next to the checkpoint by
+(`trainkv.budgets.weighted`), for whatever ``B`` the runtime or ``trainkv eval`` uses. (Integer
+``head_budgets`` are not saved: they would pin one total and override every evaluated budget; the
+integer budgets at the trained ratio are written to ``allocation.json`` next to the checkpoint by
 `trainkv.training.layer_budget.write_allocation_artifacts`, with the heat map ``allocation.png``.)
 
 Run-time scoring is the base scorer's, passed through the same per-(layer, head) monotone map ``z``

@@ -21,6 +21,7 @@ class RandomConfig(MethodConfig):
 
 class RandomScores(EvictionMethod):
     config_class = RandomConfig
+    cuda_graph_safe = False  # draws on a CPU generator every step
 
     def new_token_scores(self, ctx: ScoreContext) -> torch.Tensor:
         gen = ctx.layer.state.get("generator")

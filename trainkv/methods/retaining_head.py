@@ -1,90 +1,24 @@
 """Locret retaining heads: a small MLP per layer that predicts how much later queries will need each token.
 
 Huang et al., "Locret: Enhancing Eviction in Long-Context LLM Inference with Trained Retaining Heads",
-2024, https://arxiv.org/abs/2410.01805. Written from the description of the method and its official
-code in ``research/trainable_eviction.md`` §2 (that code has no licence; nothing is copied).
+2024, https://arxiv.org/abs/2410.01805. The target and answer regions in full, the paper's
+hyper-parameters, the variants and the deviations from Locret: docs/methods/retaining_head.md.
 
-Module. Per layer, ``fc2(act(fc1([q_proj(x), k_proj(x), v_proj(x)])))`` with ``x`` the attention
-input (after ``input_layernorm``) and the projections taken *before* RoPE; ``fc1`` has no bias and
-``hidden`` outputs, ``act`` is the backbone's activation (SiLU for Llama), ``fc2`` gives one raw,
-unbounded score per KV head. A token's score depends only on that token, so it is computed once
-(static score) and chunked prefill gives exactly the scores of a whole-sequence pass.
+Module: per layer, ``fc2(act(fc1([q_proj(x), k_proj(x), v_proj(x)])))`` on the attention input, the
+projections taken before RoPE; one raw score per KV head. A token's score depends only on that token
+(a static score), so chunked prefill gives exactly the scores of a whole-sequence pass.
 
-Training target ("causal importance score"). For key token ``j`` and KV head ``h`` of a layer::
+Training target: for key ``j`` and KV head ``h``, the largest pre-softmax logit ``q_p . k_j * scale``
+that an answer query ``p > j`` (any query head of h's group) gives it (``target="log_attention"``: the
+largest log attention weight); ``answer_region`` says which positions are answer queries. Computed in
+the frozen forward, a chunk of queries at a time (no T x T matrix). Loss: ``SmoothL1(pred, target)``
+over the key tokens, averaged over layers and heads, plus ``smooth_weight`` x the MSE between adjacent
+tokens' scores. Only the heads are differentiated: training costs about one inference forward.
 
-    S[h, j] = max over answer queries p > j, over the query heads of h's GQA group, of  q_p . k_j * scale
-
-i.e. the largest *pre-softmax* attention logit that a later answer query gives the key (q, k after
-RoPE, as the model attends). Keys with no later answer query, padding keys and (by default) keys that
-are themselves answer tokens are masked out of the loss. The diagonal ``p == j`` is left out on
-purpose: a token always sees itself, so self-attention says nothing about whether it must be kept.
-On Locret's data (keys = prompt, queries = answer) this is exactly its target. It is computed inside
-the frozen forward, in chunks of answer queries (``target_chunk`` at a time over all keys): no T×T
-attention matrix is ever stored, and normal SDPA attention runs unchanged.
-
-Variant ``target="log_attention"`` (trainkv's, not Locret's): the max over the same queries of the log
-attention *weight* ``q_p . k_j * scale - logsumexp_{i <= p} q_p . k_i * scale`` (the query's softmax
-normaliser over every key it sees, itself included). A pre-softmax logit is large for any query with a large
-norm even where that query spreads its attention; the log weight says how much of the query's attention
-the key actually receives, which is what eviction loses. Same cost (the normaliser comes from the logits
-already computed for the chunk of queries).
-
-Answer region (``answer_region``):
-
-* ``"labels"``: answer queries are the positions whose label is not -100 (SFT batches: the
-  assistant's answer); key tokens are the prompt positions (label -100) before them. This is Locret's
-  setting (prompt tokens trained, answer tokens as queries).
-* ``"tail"``: the last ``target_queries`` real tokens of each row (at most half of a short row) act as
-  the answer and every earlier token is a key. For plain text (continual-pretraining blocks, labels
-  on every token). Every key then has the same query set, so the max is not biased upwards for early
-  tokens the way a max over "all later positions" is; it also mirrors the runtime, where the
-  question comes last.
-* ``"all"``: every later real position is an answer query (max over all p > j). Documented option;
-  early tokens see more queries, hence larger maxima.
-* ``"auto"`` (default): per row, ``"labels"`` if the row's labels mark a proper, non-empty part of
-  its real tokens (an SFT row), otherwise ``"tail"`` (a CPT row, labels everywhere, or no labels).
-
-Loss (Locret's): ``mean_{layers, heads} SmoothL1_beta(pred, S)`` (mean over the masked key tokens) plus
-``smooth_weight * sum_layers MSE(s[:, t], s[:, t + 1])`` over adjacent key tokens (summed over layers,
-not averaged, as in the paper's code). Logged: the loss terms and the top-10% overlap between the
-predicted and the target top-10% keys ("accuracy" in Locret; log only).
-
-Trainer contract. ``RetainingHead.training_loss(model, batch, progress)`` with ``batch`` =
-``{input_ids, attention_mask, labels}`` runs one forward of the frozen model and returns
-``(loss, logs)``. The backbone records no autograd graph: its parameters are frozen and the head's
-inputs are detached, so only the heads are differentiated (backpropagation never enters the
-backbone; training costs about one inference forward). The forward itself runs with grad mode as the
-trainer set it (not under ``torch.no_grad``) so that DDP's reducer sees the heads' gradients. LoRA
-makes no sense for this method (the loss does not depend on the backbone's trainable weights).
-
-Hyper-parameters of the paper's code, for the recipe: AdamW lr 5e-4, betas (0.9, 0.95) (weight decay
-not recorded in the digest; EAGLE-derived script), batch size 1, 3000 steps over 3000 LongAlpaca samples of at most 10240
-tokens, linear warmup over 2000 steps then linear decay to 0, gradient clipping *by value* at 0.5
-(``clip_grad_value_``), bf16 mixed precision, seed 0. ~0.8 GPU-hour on Llama-3.1-8B (A800).
-
-Runtime (budget mode, through `EvictingCache` and ``generate``). Locret prefills in chunks of B,
-keeps per layer and KV head the top-b tokens by score, protects the last n_s cached tokens
-("stabilizers") during prefill, forwards the last n_loc prompt tokens without eviction and does not
-evict while decoding. Here: ``chunk_size`` = B, ``budget`` = b, ``recent_window`` =
-``max(stabilizers, final_tokens)`` (the most recent tokens, protected at every eviction; at the end of
-prefill those are the question, so they cover Locret's n_loc; ``trainkv eval`` uses it when
-``--recent-window`` is not given), ``evict_during_decoding=False``.
-`RetainingHeadConfig.eviction_config` builds that `EvictionConfig`. Deviations: (1) the protected
-tokens count inside the budget (the cache never exceeds it; Locret holds b + n_loc after prefill);
-(2) the window is also protected at the last prefill chunk (Locret drops stabilizers there, keeping
-only the n_loc tail); (3) Locret has no sink tokens, ``sink_tokens`` defaults to 4 here (set 0 to
-match); (4) **no re-rotation**: Locret caches pre-RoPE keys and re-rotates the compacted cache with
-contiguous positions 0..len-1 at every step, closing the evicted gaps; trainkv keeps every entry at
-its original position (post-RoPE keys, DESIGN invariant 3), so relative distances are those of the
-full context. The heads' scores are unaffected (their inputs are pre-RoPE); only how the model reads
-the compacted cache differs. Locret's contiguous positions matter for running past the trained
-context length, which trainkv's evaluations do not do. Two run-time options of trainkv's own
-(issue #5): ``stabilizers`` may be a fraction of the budget (an int is capped at half of it), and
-``pool_kernel`` > 1 max-pools each chunk's scores over neighbouring tokens, so a kept token keeps its
-neighbours (on SmolLM2 at 2K x 1/8: +5 to +7 points on the dev sets; it raises the KL on prose).
-For Locret's exact n_loc behaviour (the question appended *beyond* the budget), prefill the context
-with eviction, then append the final tokens with the cache's eviction switched off
-(``EvictingCache.eviction_enabled = False``).
+Runtime (`RetainingHeadConfig.eviction_config`): Locret's chunked prefill with chunk B, budget b and
+stabilizers n_s becomes budget mode with ``chunk_size`` = B, ``budget`` = b, ``recent_window`` =
+``max(stabilizers, final_tokens)`` and ``evict_during_decoding=False``; the protected tokens count inside
+the budget, and kept entries stay at their original positions (no re-rotation).
 """
 
 from __future__ import annotations

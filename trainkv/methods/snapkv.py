@@ -26,6 +26,7 @@ class SnapKVConfig(MethodConfig):
 
 class SnapKV(EvictionMethod):
     config_class = SnapKVConfig
+    static_layout = True  # the pooling runs over neighbouring entries of the compacted cache
 
     def update_scores(self, ctx: ScoreContext) -> None:
         queries, positions = recent_queries(ctx, self.config.window_size)
@@ -35,9 +36,11 @@ class SnapKV(EvictionMethod):
         scores = probs.mean(dim=(2, 3))  # [B,H,L]
         k = self.config.kernel_size
         if k > 1:  # average pool over neighbouring *valid* entries (padding slots do not dilute the mean)
+            layer = ctx.layer
+            scores = layer.to_layout(scores)  # the compacted cache's order (identity unless decoding in slots)
             b, h, length = scores.shape
-            valid = ctx.layer.valid_mask().float().reshape(b * h, 1, length)
+            valid = layer.to_layout(layer.valid_mask().float()).reshape(b * h, 1, length)
             pool = lambda x: F.avg_pool1d(x, k, stride=1, padding=k // 2, count_include_pad=True)  # noqa: E731
             scores = pool(scores.reshape(b * h, 1, length) * valid) / pool(valid).clamp(min=1e-9)
-            scores = scores.reshape(b, h, length)
+            scores = layer.from_layout(scores.reshape(b, h, length))
         ctx.layer.scores = scores
