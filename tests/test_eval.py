@@ -226,7 +226,8 @@ def test_run_json_schema(sweep_dir):
     for f in files:
         rec = json.loads(f.read_text())
         assert rec["schema"] == "trainkv.eval.run/1" and rec["kind"] == "tasks"
-        assert rec["split"] == "eval" and rec["seed"] == 1234
+        assert rec["split"] == "eval" and rec["seed"] == 1234 and rec["eval_split"] == "adhoc"
+        assert rec["config"]["seeds"] == [1234] and rec["config"]["eval_split"] == "adhoc"
         assert {"config", "results", "aggregate", "tokenizer", "versions", "device", "date", "timing"} <= set(rec)
         assert {"torch", "transformers", "trainkv"} <= set(rec["versions"])
         cfg = rec["config"]
@@ -269,8 +270,11 @@ def test_summary_numbers_are_means_of_per_sample_scores(sweep_dir, tmp_path):
     assert summary["methods"]["streaming_llm"][str(CTX)]["r0.125"]["score"] == 25.0
     assert summary["methods"]["snapkv"][str(CTX)]["r0.25"]["per_task"] == {"niah_single_1": 50.0, "vt": 25.0}
     md = (out / "summary.md").read_text()
-    assert "| snapkv | 37.5 (50%) | 18.8 (25%) |" in md
-    assert "| full cache | 75.0 (100%) | 75.0 (100%) |" in md
+    # one sample per task: resampling within tasks cannot move the mean (the intervals have no width)
+    assert "| snapkv | 37.5 [37.5, 37.5] (50% [50, 50]) | 18.8 [18.8, 18.8] (25% [25, 25]) |" in md
+    assert "| full cache | 75.0 [75.0, 75.0] (100%) | 75.0 [75.0, 75.0] (100%) |" in md
+    plain = report.markdown(report.summarize(report.load_records(out), intervals=False))
+    assert "| snapkv | 37.5 (50%) | 18.8 (25%) |" in plain and "| full cache | 75.0 (100%) | 75.0 (100%) |" in plain
     assert json.loads((out / "summary.json").read_text())["methods"]["snapkv"][str(CTX)]["r0.25"]["score"] == 37.5
 
 
@@ -386,6 +390,7 @@ def test_eval_cli_parser():
     cfg = config_from_args(args)
     assert cfg.keep == [0.5, 0.125, 64] and cfg.chunk_size is None and cfg.dtype == "bfloat16"
     assert len(cfg.tasks) == 11 and cfg.seed == 1234 and cfg.batch_size == 4
+    assert cfg.eval_split == "adhoc" and cfg.seeds == (1234,)
     assert [s.label for s in cfg.method_specs()] == ["full", "snapkv", "gate"]
     assert cfg.method_specs()[2].checkpoint == "checkpoints/x/attention_gate"
     default = config_from_args(build_parser().parse_args(["eval"]))
@@ -447,3 +452,104 @@ def test_checkpoint_runs_are_keyed_by_weights_not_path(tmp_path):
     assert second["checkpoint"] == first["checkpoint"] and second["weights_sha256"] != first["weights_sha256"]
     assert parse_method("mine", {"mine": "org/some-hub-repo"}).to_dict()["weights_sha256"] is None
     assert "weights_sha256" not in parse_method("snapkv").to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dev / test splits, run-time settings of a checkpoint, task families (issue 17)
+# ---------------------------------------------------------------------------------------------------------
+def test_split_seeds_and_recorded_split():
+    from trainkv.eval.spec import DEFAULT_SEED, DEV_SEEDS, TEST_SEED, record_split, resolve_split
+
+    assert resolve_split("dev") == ("dev", DEV_SEEDS) and resolve_split("test") == ("test", (TEST_SEED,))
+    assert resolve_split() == ("adhoc", (DEFAULT_SEED,)) and resolve_split(None, 99) == ("adhoc", (99,))
+    assert resolve_split(None, TEST_SEED) == ("test", (TEST_SEED,))  # the test seed is test, however it was asked
+    assert resolve_split(None, DEV_SEEDS[0]) == ("adhoc", (DEV_SEEDS[0],))  # a dev cell pools every dev seed
+    assert resolve_split("dev", DEV_SEEDS[1]) == ("dev", DEV_SEEDS)
+    with pytest.raises(ValueError, match="other sample set"):
+        resolve_split("dev", 5)
+    with pytest.raises(ValueError):
+        resolve_split("train")
+    assert TEST_SEED not in DEV_SEEDS and DEFAULT_SEED not in (*DEV_SEEDS, TEST_SEED)
+    old = {"config": {"seed": 1234, "split": "eval"}, "results": [{"seed": 1234}]}  # a pre-protocol file
+    assert record_split(old) == "adhoc"
+    sneaky = {"config": {"seed": 5, "eval_split": "dev"}, "results": [{"seed": TEST_SEED}]}
+    assert record_split(sneaky) == "test"  # any test-seed sample makes a test run
+    assert record_split({"config": {"seeds": list(DEV_SEEDS), "eval_split": "dev"}, "results": []}) == "dev"
+    assert record_split({"config": {"seeds": [1234], "eval_split": "dev"}, "results": []}) == "adhoc"  # not dev seeds
+
+
+def test_dev_split_pools_every_dev_seed(tok, model, tmp_path):
+    from trainkv.eval.spec import DEV_SEEDS
+
+    cfg = _config(tmp_path, methods=["full", "streaming_llm"], keep=[0.25], tasks=["niah_single_1"], split="dev")
+    summary = Sweep(cfg, model=model, tokenizer=tok).run()
+    rec = json.loads((tmp_path / "runs" / f"streaming_llm__L{CTX}__r0.25.json").read_text())
+    assert rec["eval_split"] == "dev" and rec["config"]["seeds"] == list(DEV_SEEDS) == rec["config"]["seed"]
+    assert [r["seed"] for r in rec["results"]] == list(DEV_SEEDS) and len(rec["results"]) == len(DEV_SEEDS)
+    assert summary["eval_split"] == "dev" and summary["seeds"] == list(DEV_SEEDS)
+    assert "dev split, seeds 4321, 777, 2024" in (tmp_path / "summary.md").read_text()
+    # the same folder resumes; another split into it is refused rather than mixed
+    Sweep(cfg, model=model, tokenizer=tok).run()
+    with pytest.raises(RuntimeError, match="other settings"):
+        Sweep(_config(tmp_path, methods=["streaming_llm"], keep=[0.25], tasks=["niah_single_1"], split="test"),
+              model=model, tokenizer=tok).run()
+
+
+def test_old_run_files_still_resume_and_report(sweep_dir, tok, model, tmp_path, monkeypatch):
+    """Files written before the protocol (no seeds / eval_split) are reused as ad-hoc runs and still report."""
+    out = tmp_path / "old"
+    (out / "runs").mkdir(parents=True)
+    for f in (sweep_dir / "runs").glob("*.json"):
+        rec = json.loads(f.read_text())
+        for key in ("seeds", "eval_split"):
+            rec["config"].pop(key)
+        rec.pop("eval_split")
+        (out / "runs" / f.name).write_text(json.dumps(rec))
+    monkeypatch.setattr(Sweep, "run_one", lambda self, *a, **k: pytest.fail("recomputed"))
+    summary = Sweep(_config(out), model=model, tokenizer=tok).run()
+    assert summary["eval_split"] == "adhoc" and summary["full"][str(CTX)]["n"] == 2
+
+
+def test_family_tasks_and_checkpoint_settings(tmp_path, tok, model):
+    from trainkv.data.tasks import TASK_FAMILIES, TASKS
+    from trainkv.eval.spec import expand_tasks
+
+    assert expand_tasks(["family:aggregation"]) == ["cwe", "fwe"]
+    assert sorted(t for ts in TASK_FAMILIES.values() for t in ts) == sorted(TASKS)  # every task in one family
+    with pytest.raises(ValueError, match="unknown task family"):
+        expand_tasks(["family:nope"])
+    spec = parse_method("locret:pool_kernel=1,stabilizers=0.5", {"locret": "ckpt"})
+    assert spec.checkpoint == "ckpt" and dict(spec.overrides) == {"pool_kernel": 1, "stabilizers": 0.5}
+    assert spec.label == "locret:pool_kernel=1,stabilizers=0.5"
+
+
+def test_checkpoint_run_time_settings_replace_the_checkpoints(tok, model, tmp_path):
+    """``NAME:pool_kernel=1,stabilizers=0.5`` runs the same weights with those settings (and records them)."""
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m" / "retaining_head"
+    cfg = _config(tmp_path, methods=["heads:pool_kernel=1,stabilizers=0.5"], checkpoints={"heads": str(ckpt)},
+                  keep=[0.25], tasks=["niah_single_1"])
+    sweep = Sweep(cfg, model=model, tokenizer=tok)
+    (spec,) = cfg.method_specs()
+    assert sweep.recent_window(spec, 256) == 128  # the override, not the checkpoint's 32
+    from trainkv.eval.runner import checkpoint_with_settings
+    from trainkv.hub.format import read_config
+
+    with checkpoint_with_settings(str(ckpt), {"pool_kernel": 5}) as path:
+        cfg2 = read_config(Path(path))
+        assert cfg2["method"]["pool_kernel"] == 5 and cfg2["weights_sha256"] == read_config(ckpt)["weights_sha256"]
+    assert not Path(path).exists()
+    record = spec.to_dict()
+    assert record["overrides"] == {"pool_kernel": 1, "stabilizers": 0.5} and record["weights_sha256"]
+
+
+def test_compare_prints_paired_claims(sweep_dir, capsys):
+    from trainkv.cli import main
+
+    runs = sweep_dir / "runs"
+    assert main(["eval", "--compare", str(runs / f"snapkv__L{CTX}__r0.25.json"), str(runs / f"full__L{CTX}__full.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("snapkv keeps") and "of full at 200 x 1/4 (n=2;" in out[0]
+    assert out[1].startswith("snapkv - full at 200 x 1/4:")
+    assert main(["eval", "--compare", str(runs / f"snapkv__L{CTX}__r0.25.json"), str(runs / f"full__L{CTX}__full.json"),
+                 "--tasks", "vt"]) == 0
+    assert "(n=1;" in capsys.readouterr().out

@@ -8,7 +8,10 @@ Layout of an output directory::
 
 ``<budget>`` is ``r<keep ratio>``, ``n<entries>`` or ``full``. Scores are RULER string-match scores
 (0-100); a table cell is the mean over every sample of every task of the run, and its share of the
-full-cache score at the same context length.
+full-cache score at the same context length, each with its 95% bootstrap interval (`trainkv.eval.intervals`: the
+score's resamples samples within tasks; the share is a paired ratio on the samples both runs hold). For every trained
+method (a ``--checkpoint``) the report adds paired claims: the share of the full cache against 90%, and the
+difference to every training-free method at the same cell.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable
 
+from trainkv.eval.intervals import KEEP_THRESHOLD, beats_claim, cell_interval, keeps_claim, paired_ratio
+from trainkv.eval.spec import record_split, run_seeds
 from trainkv.methods import get_method
 
 FULL = "full"
@@ -57,10 +62,18 @@ def _budget_key(info: dict[str, Any]) -> tuple:
     return (-(info.get("keep_ratio") or 1.0), info.get("label", ""))
 
 
-def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = ()) -> dict[str, Any]:
-    """Pool run records into ``{context length: {method: {budget label: cell}}}`` plus the full-cache scores."""
+def _is_trained(record: dict[str, Any]) -> bool:
+    return record["config"]["method"].get("checkpoint") is not None
+
+
+def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = (), intervals: bool = True
+              ) -> dict[str, Any]:
+    """Pool run records into ``{context length: {method: {budget label: cell}}}`` plus the full-cache scores
+    (with ``intervals``: each cell's ``ci`` and ``relative_ci``, and the paired ``claims`` of trained methods)."""
     task_records = list(task_records)
     quality_records = list(quality_records)
+    full_records: dict[str, dict] = {}
+    cell_records: dict[tuple[str, str, str], dict] = {}
     full: dict[str, dict] = {}
     methods: dict[str, dict[str, dict[str, dict]]] = {}
     budgets: dict[str, dict] = {}
@@ -85,21 +98,35 @@ def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = ()
             "seconds_per_sample": rec.get("timing", {}).get("seconds_per_sample"),
             "file": Path(rec.get("_path", "")).name,
         }
-        meta = meta or {k: cfg.get(k) for k in ("model", "tasks", "samples_per_task", "seed", "split", "dtype",
-                                                 "chunk_size", "chunking")}
+        if intervals and scores:
+            ci = cell_interval(rec["results"])
+            cell["ci"] = [ci.lo, ci.hi]
+        if not meta:
+            meta = {k: cfg.get(k) for k in ("model", "tasks", "samples_per_task", "seed", "split", "dtype",
+                                            "chunk_size", "chunking")}
+            meta.update(eval_split=record_split(rec), seeds=list(run_seeds(rec)))
         meta.setdefault("devices", set()).add(rec.get("device"))  # type: ignore[union-attr]
+        meta.setdefault("_samples", set()).add(cfg.get("samples_per_task"))  # type: ignore[union-attr]
         if cfg["method"]["method"] == FULL or cfg["budget"].get("label") == FULL:
             full[str(length)] = cell
+            full_records[str(length)] = rec
             continue
         blabel = cfg["budget"]["label"]
         budgets.setdefault(blabel, {"label": blabel, "spec": cfg["budget"]["spec"],
                                     "keep_ratio": cfg["budget"]["keep_ratio"]})
         methods.setdefault(label, {}).setdefault(str(length), {})[blabel] = cell
-    for per_len in methods.values():
+        cell_records[(label, str(length), blabel)] = rec
+    for label, per_len in methods.items():
         for length, cells in per_len.items():
             ref = full.get(length, {}).get("score")
-            for cell in cells.values():
+            for blabel, cell in cells.items():
                 cell["relative"] = (100.0 * cell["score"] / ref) if ref else None
+                if intervals and ref and length in full_records:
+                    r = paired_ratio(cell_records[(label, length, blabel)]["results"], full_records[length]["results"])
+                    if r.n:
+                        cell["relative_ci"] = [r.lo, r.hi]
+                        cell["paired_n"] = r.n
+    claims = _claims(cell_records, full_records) if intervals else []
     quality: dict[str, dict[str, dict[str, dict]]] = {}
     for rec in quality_records:
         cfg = rec["config"]
@@ -113,6 +140,9 @@ def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = ()
                                          "keep_ratio": cfg["budget"]["keep_ratio"]})
     if "devices" in meta:
         meta["devices"] = sorted(d for d in meta["devices"] if d)
+    sizes = sorted(n for n in meta.pop("_samples", set()) if n is not None)
+    if len(sizes) > 1:  # runs of several sizes pooled in one folder (e.g. training-free rows with fewer samples)
+        meta["samples_per_task"] = " or ".join(map(str, sizes)) + " (see n per cell)"
     ordered = sorted(budgets.values(), key=_budget_key)
     return {
         **meta,
@@ -120,8 +150,28 @@ def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = ()
         "budgets": ordered,
         "full": full,
         "methods": methods,
+        "claims": claims,
         "quality": quality,
     }
+
+
+def _claims(cell_records: dict[tuple[str, str, str], dict], full_records: dict[str, dict]) -> list[dict[str, Any]]:
+    """Paired claims of every trained method's cell: its share of the full cache (>= 90%?) and its difference to
+    every training-free method at the same context length and keep."""
+    out = []
+    def order(item):  # by context length, method, then decreasing keep
+        (label, length, _), rec = item
+        return int(length), label, -(rec["config"]["budget"].get("keep_ratio") or 0.0)
+
+    for (label, length, blabel), rec in sorted(cell_records.items(), key=order):
+        if not _is_trained(rec):
+            continue
+        if length in full_records:
+            out.append(keeps_claim(rec, full_records[length]).to_dict())
+        for (other, olen, oblabel), orec in sorted(cell_records.items()):
+            if (olen, oblabel) == (length, blabel) and other != label and not _is_trained(orec):
+                out.append(beats_claim(rec, orec).to_dict())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,19 +191,46 @@ def _fmt(x: float | None, nd: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _ci(cell: dict[str, Any], key: str = "ci", nd: int = 1) -> str:
+    ci = cell.get(key)
+    return f" [{_fmt(ci[0], nd)}, {_fmt(ci[1], nd)}]" if ci else ""
+
+
+def _score_cell(cell: dict[str, Any]) -> str:
+    """``46.0 [41.2, 50.9] (98% [90, 106])`` (intervals where the summary has them)."""
+    rel = ""
+    if cell.get("relative") is not None:
+        rel_ci = cell.get("relative_ci")
+        rel = f" ({cell['relative']:.0f}%" + (f" [{_fmt(rel_ci[0], 0)}, {_fmt(rel_ci[1], 0)}]" if rel_ci else "") + ")"
+    return f"{_fmt(cell['score'])}{_ci(cell)}{rel}"
+
+
+def split_text(summary: dict[str, Any]) -> str:
+    """``test split, seed 271828`` / ``dev split, seeds 4321, 777, 2024`` / ``adhoc split, seed 1234``."""
+    seeds = summary.get("seeds") or ([] if summary.get("seed") is None else
+                                     (summary["seed"] if isinstance(summary["seed"], list) else [summary["seed"]]))
+    word = "seed" if len(seeds) == 1 else "seeds"
+    return f"{summary.get('eval_split', 'adhoc')} split, {word} {', '.join(map(str, seeds))}"
+
+
 def markdown(summary: dict[str, Any], title: str = "trainkv evaluation") -> str:
     lines = [f"# {title}", ""]
     tasks = summary.get("tasks") or []
     if tasks or summary["full"] or summary["methods"]:  # a KL-only folder has no task runs to describe
+        seeds = summary.get("seeds") or [None]
+        per_seed = " per seed" if len(seeds) > 1 else ""
         lines.append(
-            f"Model `{summary.get('model')}`; tasks: {', '.join(tasks)}; {summary.get('samples_per_task')} samples per task "
-            f"(split `{summary.get('split', 'eval')}`, seed {summary.get('seed')}); dtype {summary.get('dtype')}; "
-            f"prefill chunk {summary.get('chunk_size') or 'whole context'}; device(s): {', '.join(summary.get('devices') or [])}."
+            f"Model `{summary.get('model')}`; tasks: {', '.join(tasks)}; {summary.get('samples_per_task')} samples per "
+            f"task{per_seed} ({split_text(summary)}; generator split `{summary.get('split', 'eval')}`); dtype "
+            f"{summary.get('dtype')}; prefill chunk {summary.get('chunk_size') or 'whole context'}; device(s): "
+            f"{', '.join(summary.get('devices') or [])}."
         )
         lines.append("")
         lines.append("Cells: mean RULER string-match score (0-100) over all samples, and in parentheses its share of the "
                      "full-cache score at the same context length. Columns are keep ratios (budget = ratio x context "
-                     "length entries per layer and KV head).")
+                     "length entries per layer and KV head)."
+                     + (" Brackets: 95% bootstrap intervals (2000 resamples within tasks; the share is a paired ratio "
+                        "on the same samples)." if _has_intervals(summary) else ""))
     budgets = summary["budgets"]
     for length in summary["context_lengths"]:
         key = str(length)
@@ -166,17 +243,13 @@ def markdown(summary: dict[str, Any], title: str = "trainkv evaluation") -> str:
         lines.append("| method | " + " | ".join(budget_title(b) for b in cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         if full:
-            cell = f"{_fmt(full['score'])} (100%)"
+            cell = f"{_fmt(full['score'])}{_ci(full)} (100%)"
             lines.append("| full cache | " + " | ".join(cell for _ in cols) + " |")
         for m in rows:
             cells = []
             for b in cols:
                 c = summary["methods"][m][key].get(b["label"])
-                if c is None:
-                    cells.append("")
-                else:
-                    rel = f" ({c['relative']:.0f}%)" if c.get("relative") is not None else ""
-                    cells.append(f"{_fmt(c['score'])}{rel}")
+                cells.append("" if c is None else _score_cell(c))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         # measured compression
         lines += ["", "Measured compression (entries kept per layer and KV head after the context / context tokens, "
@@ -189,9 +262,40 @@ def markdown(summary: dict[str, Any], title: str = "trainkv evaluation") -> str:
                 c = summary["methods"][m][key].get(b["label"])
                 cells.append("" if c is None else f"{c['compression']:.3f}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += _claims_markdown(summary)
     lines += _per_task_markdown(summary)
     lines += _quality_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def _has_intervals(summary: dict[str, Any]) -> bool:
+    cells = [*summary.get("full", {}).values()]
+    cells += [c for per_len in summary.get("methods", {}).values() for cs in per_len.values() for c in cs.values()]
+    return any("ci" in c for c in cells)
+
+
+def _claims_markdown(summary: dict[str, Any]) -> list[str]:
+    """Per trained cell: the share of the full cache (>= 90%?) and the narrowest win over a training-free method."""
+    claims = summary.get("claims") or []
+    if not claims:
+        return []
+    lines = ["", "## Paired claims (trained methods)", "",
+             f"95% paired bootstrap intervals on the samples both runs hold. `keeps`: share of the full cache, holds "
+             f"when the whole interval is >= {KEEP_THRESHOLD:g}%. `beats`: score difference to the training-free "
+             "method with the lowest lower bound at the same cell (every other training-free method is beaten by at "
+             "least as much at the lower bound; all of them are in summary.json), holds when the whole interval is "
+             "> 0.", ""]
+    groups: dict[tuple[str, str], dict[str, list]] = {}
+    for c in claims:
+        groups.setdefault((c["method"], c["cell"]), {}).setdefault(c["kind"], []).append(c)
+    for (_, _), kinds in groups.items():
+        for c in kinds.get("keeps", []):
+            lines.append(f"- {c['sentence']}")
+        beats = kinds.get("beats", [])
+        if beats:
+            weakest = min(beats, key=lambda c: (c["interval"]["lo"] if not math.isnan(c["interval"]["lo"]) else -1e9))
+            lines.append(f"- {weakest['sentence']} (narrowest of {len(beats)} training-free methods)")
+    return lines
 
 
 def _per_task_markdown(summary: dict[str, Any]) -> list[str]:
@@ -371,13 +475,14 @@ def plot_quality(summary: dict[str, Any], path: str | Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------
 # everything
 # ---------------------------------------------------------------------------------------------------------
-def write_report(out_dir: str | Path, selector: dict[str, Any] | None = None, title: str = "trainkv evaluation") -> dict:
+def write_report(out_dir: str | Path, selector: dict[str, Any] | None = None, title: str = "trainkv evaluation",
+                 intervals: bool = True) -> dict:
     """Write ``summary.json``, ``summary.md``, ``accuracy_vs_budget.png`` (and ``kl_vs_budget.png``)."""
     out = Path(out_dir)
     tasks = [r for r in load_records(out, "tasks") if matches(r, selector)]
     q_selector = {k: v for k, v in (selector or {}).items() if k in ("model", "dtype")}
     quality = [r for r in load_records(out, "quality") if matches(r, q_selector)]
-    summary = summarize(tasks, quality)
+    summary = summarize(tasks, quality, intervals=intervals)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary, title))
     if tasks:
@@ -387,4 +492,5 @@ def write_report(out_dir: str | Path, selector: dict[str, Any] | None = None, ti
     return summary
 
 
-__all__ = ["budget_title", "load_records", "markdown", "plot_accuracy", "plot_quality", "summarize", "write_report"]
+__all__ = ["budget_title", "load_records", "markdown", "plot_accuracy", "plot_quality", "split_text", "summarize",
+           "write_report"]

@@ -32,14 +32,22 @@ questions are left-padded inside their own block (the cache holds padding as inv
 are computed per row), and decoding is a greedy loop over the batch. ``full`` is the same path with
 a budget above every context (nothing is evicted; equal to plain transformers by invariant 1).
 
-Train/eval separation: samples come from ``split="eval"`` only, default seed :data:`DEFAULT_SEED`
-(the split is mixed into every sample's RNG, and training recipes use ``split="train"``, whose
-templates, vocabularies and haystack text are disjoint from these).
+Train/eval separation: samples come from ``split="eval"`` only (the split is mixed into every sample's RNG, and
+training recipes use ``split="train"``, whose templates, vocabularies and haystack text are disjoint from these).
+
+Dev / test (docs/protocol.md): ``split="dev"`` draws ``samples`` per task from each dev seed, ``split="test"`` from
+the test seed; a bare ``seed`` is an ad-hoc run (default :data:`DEFAULT_SEED`). Run files record ``eval_split`` and
+``seeds``; every per-sample result carries ``(task, seed, index)``, the key that pairs samples across run files
+(`trainkv.eval.intervals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +68,9 @@ from trainkv.eval.quality import run_quality
 from trainkv.eval.records import aggregate, device_name, now, package_versions, samples_digest, write_json
 from trainkv.eval.spec import (
     DEFAULT_SEED, DTYPES, FULL, NO_EVICTION_BUDGET, SPLIT, MethodSpec, budget_label, eviction_settings, expand_tasks,
-    keep_entries, keep_ratio, parse_keep, parse_method, sanitize,
+    keep_entries, keep_ratio, parse_keep, parse_method, record_split, resolve_split, run_seeds, sanitize,
 )
-from trainkv.hub.format import read_config
+from trainkv.hub.format import CONFIG_NAME, WEIGHTS_NAME, read_config
 from trainkv.hub.load import checkpoint_method_config, load_gated
 from trainkv.hub.resolve import resolve_checkpoint
 from trainkv.methods import make_config
@@ -240,8 +248,9 @@ class SweepConfig:
     keep: list[int | float] = field(default_factory=lambda: [0.5, 0.25, 0.125, 0.0625])  # see trainkv.eval.spec
     tasks: list[str] = field(default_factory=lambda: ["niah_single_1"])
     context_lengths: list[int] = field(default_factory=lambda: [512])
-    samples: int = 5
-    seed: int = DEFAULT_SEED
+    samples: int = 5  # per task (and per seed of the split)
+    seed: int | None = None  # an ad-hoc seed (default DEFAULT_SEED); the test seed makes a test run
+    split: str | None = None  # "dev" | "test": the protocol's seeds (docs/protocol.md); None = ad hoc `seed`
     output: str = "results/eval"
     batch_size: int = 1
     device: str | None = None
@@ -257,8 +266,12 @@ class SweepConfig:
     kl_samples: int = 4
     kl_chunk_size: int = 64
     progress: bool = True
+    intervals: bool = True  # bootstrap intervals and paired claims in the report (trainkv.eval.intervals)
 
     def __post_init__(self):
+        self.eval_split, self.seeds = resolve_split(self.split, self.seed)
+        if self.split is None:
+            self.seed = self.seeds[0]
         self.keep = [parse_keep(b) for b in self.keep]
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -271,6 +284,11 @@ class SweepConfig:
 
     def method_specs(self) -> list[MethodSpec]:
         return [parse_method(m, self.checkpoints) for m in self.methods]
+
+    @property
+    def seed_field(self) -> int | list[int]:
+        """``seed`` in run files: the seed (one), or the list of seeds (dev)."""
+        return self.seeds[0] if len(self.seeds) == 1 else list(self.seeds)
 
 
 
@@ -289,8 +307,33 @@ class SweepConfig:
 
 #: Config keys that must agree for an existing run file to count as done (batch size and device do
 #: not change results: batched == unbatched).
-RESUME_KEYS = ("model", "method", "budget", "context_length", "tasks", "samples_per_task", "seed", "split",
-               "eviction", "chunk_size", "chunking", "dtype", "max_new_tokens", "prompt", "samples_digest")
+RESUME_KEYS = ("model", "method", "budget", "context_length", "tasks", "samples_per_task", "seed", "seeds", "split",
+               "eval_split", "eviction", "chunk_size", "chunking", "dtype", "max_new_tokens", "prompt", "samples_digest")
+
+
+def _with_split_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config with ``seeds`` / ``eval_split`` (files written before the protocol have neither)."""
+    out = dict(config)
+    out.setdefault("seeds", list(run_seeds({"config": config})))
+    out.setdefault("eval_split", record_split({"config": config}))
+    return out
+
+
+@contextlib.contextmanager
+def checkpoint_with_settings(checkpoint: str, settings: dict[str, Any]):
+    """A temporary copy of a checkpoint whose method config has ``settings`` (run-time settings such as Locret's
+    ``pool_kernel`` / ``stabilizers``); the weights are the same file (linked, else copied)."""
+    directory = resolve_checkpoint(checkpoint)
+    config = read_config(directory)
+    config["method"] = make_config(config["method"], **settings).to_dict()
+    with tempfile.TemporaryDirectory(prefix="trainkv-ckpt-") as tmp:
+        tmp = Path(tmp)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        try:
+            os.symlink(Path(directory, WEIGHTS_NAME).resolve(), tmp / WEIGHTS_NAME)
+        except OSError:
+            shutil.copyfile(Path(directory, WEIGHTS_NAME), tmp / WEIGHTS_NAME)
+        yield str(tmp)
 
 
 class Sweep:
@@ -320,11 +363,13 @@ class Sweep:
         return self._model
 
     def samples(self, context_length: int) -> list[Sample]:
+        """``samples`` per task from each seed of the run, task by task (seeds in order within a task)."""
         if context_length not in self._samples:
             out: list[Sample] = []
             for task in self.config.tasks:
-                out.extend(generate_samples(task, self.tokenizer, self.config.samples, context_length,
-                                            seed=self.config.seed, split=SPLIT))
+                for seed in self.config.seeds:
+                    out.extend(generate_samples(task, self.tokenizer, self.config.samples, context_length,
+                                                seed=seed, split=SPLIT))
             self._samples[context_length] = out
         return self._samples[context_length]
 
@@ -333,6 +378,9 @@ class Sweep:
         model = self.model
         base = {"budget": NO_EVICTION_BUDGET, "chunk_size": self.config.chunk_size or NO_EVICTION_BUDGET}
         if spec.checkpoint is not None:
+            if spec.overrides:  # run-time settings other than the checkpoint's: same weights, other config
+                with checkpoint_with_settings(spec.checkpoint, dict(spec.overrides)) as path:
+                    return load_gated(path, model=model, **base)
             return load_gated(spec.checkpoint, model=model, **base)
         method = "streaming_llm" if spec.is_full else spec.method
         return attach(model, method, EvictionConfig(**base), **dict(spec.overrides))
@@ -348,7 +396,8 @@ class Sweep:
         if spec not in self._method_configs:
             if spec.checkpoint is not None:
                 directory = resolve_checkpoint(spec.checkpoint)
-                self._method_configs[spec] = checkpoint_method_config(read_config(directory), spec.checkpoint)
+                config = checkpoint_method_config(read_config(directory), spec.checkpoint)
+                self._method_configs[spec] = make_config(config, **dict(spec.overrides)) if spec.overrides else config
             else:
                 self._method_configs[spec] = make_config(spec.method, **dict(spec.overrides))
         return self._method_configs[spec].protected_recent(entries)
@@ -378,8 +427,10 @@ class Sweep:
             "context_length": context_length,
             "tasks": list(c.tasks),
             "samples_per_task": c.samples,
-            "seed": c.seed,
+            "seed": c.seed_field,
+            "seeds": list(c.seeds),
             "split": SPLIT,
+            "eval_split": c.eval_split,
             "eviction": eviction,
             "chunk_size": c.chunk_size,
             "chunking": "end-aligned" if c.chunk_size else "one-pass",
@@ -395,7 +446,7 @@ class Sweep:
         if self.config.overwrite or not path.exists():
             return False
         try:
-            old = json.loads(path.read_text())["config"]
+            old = _with_split_fields(json.loads(path.read_text())["config"])
         except (ValueError, KeyError):
             return False  # unreadable: redo
         differ = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
@@ -471,12 +522,12 @@ class Sweep:
             bar.close()
         if c.kl:
             run_quality(self)
-        return report.write_report(self.out, selector=self.selector())
+        return report.write_report(self.out, selector=self.selector(), intervals=self.config.intervals)
 
     def selector(self) -> dict[str, Any]:
         """Which run files of the output directory the report pools (this sweep's model/tasks/seed)."""
         c = self.config
-        return {"model": c.model, "tasks": list(c.tasks), "samples_per_task": c.samples, "seed": c.seed,
+        return {"model": c.model, "tasks": list(c.tasks), "samples_per_task": c.samples, "seed": c.seed_field,
                 "dtype": c.dtype}
 
     @staticmethod
@@ -493,6 +544,7 @@ def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], token
         "config": config,
         "seed": config["seed"],
         "split": config["split"],
+        "eval_split": config["eval_split"],
         "tokenizer": tokenizer_name(tokenizer),
         "versions": package_versions(),
         "device": device_name(device),
@@ -507,6 +559,6 @@ def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], token
 
 
 __all__ = [
-    "DEFAULT_SEED", "FULL", "Sweep", "SweepConfig", "chunk_bounds", "compression_of", "evaluate_samples",
-    "make_run_record", "run_batch",
+    "DEFAULT_SEED", "FULL", "Sweep", "SweepConfig", "checkpoint_with_settings", "chunk_bounds", "compression_of",
+    "evaluate_samples", "make_run_record", "run_batch",
 ]

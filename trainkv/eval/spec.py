@@ -12,6 +12,15 @@ far, which grows: hence the other name.)
 Protected tokens, the same for every method: ``sink_tokens = 4`` first tokens and a recent window of
 ``min(32, entries // 4)`` tokens (``--sink-tokens`` / ``--recent-window`` override both; a checkpoint's method
 may ask for its own window, `MethodConfig.protected_recent`).
+
+Splits (docs/protocol.md). Every evaluation sample comes from the generators' ``eval`` split; which *seeds* it is
+drawn with says what the numbers may be used for:
+
+* ``dev`` (seeds :data:`DEV_SEEDS`): every choice (checkpoint, hyper-parameters, run-time settings) is made on these;
+* ``test`` (seed :data:`TEST_SEED`): reported numbers only, after the choice is recorded (``selection.json``);
+* ``adhoc``: any other ``--seed`` (default :data:`DEFAULT_SEED`, the seed of the pre-protocol results): exploration,
+  neither a choice nor a reported number may rest on it. A run drawn with a test seed is a test run, however it
+  was started.
 """
 
 from __future__ import annotations
@@ -26,14 +35,25 @@ from typing import Any, Iterable
 import torch
 
 from trainkv.budgets import keep_entries, parse_budget
-from trainkv.data.tasks import RULER_TASKS, TASKS
+from trainkv.data.tasks import RULER_TASKS, TASK_FAMILIES, TASKS, family_tasks
 from trainkv.hub.format import file_sha256
 from trainkv.methods import get_method
 
-#: Default seed of the evaluation samples. Training draws from ``split="train"`` (other seeds,
-#: templates and haystacks); never pass ``split="train"`` data to an evaluation.
+#: Default seed of ad-hoc evaluations (the seed of every result before the dev/test protocol; it steered choices, so
+#: it is neither dev nor test). Training draws from ``split="train"`` (other templates, vocabularies and haystacks).
 DEFAULT_SEED = 1234
-SPLIT = "eval"
+#: Seeds of the dev split: 4321 and 777 were the Locret search's dev sets; 2024 was a one-off confirmation set whose
+#: numbers have been read (so it can no longer be test). A dev cell pools ``--samples`` per task from each seed.
+DEV_SEEDS: tuple[int, ...] = (4321, 777, 2024)
+#: Seed of the test split: drawn by no run file before the protocol (docs/protocol.md: "Seeds").
+TEST_SEED = 271828
+#: The day the test seed was declared: a test-seed run file dated earlier would mean it was drawn before (checked by
+#: tests/test_protocol.py).
+TEST_SEED_DECLARED = "2026-12-02"
+SPLIT_SEEDS: dict[str, tuple[int, ...]] = {"dev": DEV_SEEDS, "test": (TEST_SEED,)}
+ADHOC = "adhoc"
+EVAL_SPLITS = ("dev", "test", ADHOC)
+SPLIT = "eval"  # the generators' split of every evaluation sample (``split`` in run files)
 FULL = "full"
 DEFAULT_SINK_TOKENS = 4
 MAX_RECENT_WINDOW = 32
@@ -87,6 +107,54 @@ def eviction_settings(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# splits: dev / test / adhoc
+# ---------------------------------------------------------------------------------------------------------
+def resolve_split(split: str | None = None, seed: int | None = None) -> tuple[str, tuple[int, ...]]:
+    """``(eval split, seeds)`` of an evaluation: ``--split dev|test`` or an ad-hoc ``--seed`` (default 1234).
+
+    A ``--seed`` that is the test seed makes a test run (it is one); a dev seed alone is still ad hoc (a dev cell
+    pools every dev seed).
+    """
+    if split is not None:
+        if split not in SPLIT_SEEDS:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_SEEDS)} (or give --seed for an ad-hoc run), "
+                             f"got {split!r}")
+        if seed is not None and seed not in SPLIT_SEEDS[split]:
+            raise ValueError(f"--split {split} draws seeds {list(SPLIT_SEEDS[split])}; --seed {seed} is another "
+                             "sample set (leave out --split for an ad-hoc run)")
+        return split, SPLIT_SEEDS[split]
+    seed = DEFAULT_SEED if seed is None else int(seed)
+    return ("test" if seed in SPLIT_SEEDS["test"] else ADHOC), (seed,)
+
+
+def run_seeds(record: dict[str, Any]) -> tuple[int, ...]:
+    """The seeds a run file's samples were drawn with (its config, then its samples; old files: one ``seed``)."""
+    cfg = record.get("config", record)
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        seed = cfg.get("seed", record.get("seed"))
+        seeds = seed if isinstance(seed, list) else ([] if seed is None else [seed])
+    found = {r.get("seed") for r in record.get("results", ()) if r.get("seed") is not None}
+    return tuple(dict.fromkeys([*map(int, seeds), *sorted(found - set(seeds))]))
+
+
+def record_split(record: dict[str, Any]) -> str:
+    """``dev``, ``test`` or ``adhoc`` of a run file (task or KL run).
+
+    Any sample drawn with a test seed makes it ``test``, whatever it says. Otherwise the recorded ``eval_split``;
+    files written before the protocol have none and are ``adhoc`` (none of them drew the test seed).
+    """
+    cfg = record.get("config", record)
+    seeds = set(run_seeds(record))
+    if seeds & set(SPLIT_SEEDS["test"]):
+        return "test"
+    split = cfg.get("eval_split", record.get("eval_split"))
+    if split == "dev" and not (seeds and seeds <= set(DEV_SEEDS)):
+        return ADHOC  # says dev, drew other seeds
+    return split if split in EVAL_SPLITS else ADHOC
+
+
+# ---------------------------------------------------------------------------------------------------------
 # methods and tasks
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -136,24 +204,31 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_method(text: str, checkpoints: dict[str, str] | None = None) -> MethodSpec:
-    """``full`` | ``snapkv`` | ``snapkv:window_size=64,kernel_size=7`` | a ``--checkpoint`` name."""
-    checkpoints = checkpoints or {}
-    if text in checkpoints:
-        return MethodSpec(text, text, (), checkpoints[text])
-    name, _, rest = text.partition(":")
-    if name == FULL:
-        return MethodSpec(FULL, FULL)
-    cls = get_method(name)  # raises on unknown names
-    if cls.trainable:
-        raise ValueError(f"{name} is trainable: give its weights with --checkpoint {name}=PATH")
+def _parse_settings(text: str, rest: str) -> tuple[tuple[str, Any], ...]:
     overrides = []
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method settings are KEY=VALUE, got {item!r} in {text!r}")
         overrides.append((key.strip(), _parse_value(value.strip())))
-    return MethodSpec(text, name, tuple(overrides))
+    return tuple(overrides)
+
+
+def parse_method(text: str, checkpoints: dict[str, str] | None = None) -> MethodSpec:
+    """``full`` | ``snapkv`` | ``snapkv:window_size=64,kernel_size=7`` | a ``--checkpoint`` name, optionally with
+    run-time settings that replace the checkpoint's (``locret:pool_kernel=1,stabilizers=0.5``; same weights)."""
+    checkpoints = checkpoints or {}
+    if text in checkpoints:
+        return MethodSpec(text, text, (), checkpoints[text])
+    name, _, rest = text.partition(":")
+    if name in checkpoints:
+        return MethodSpec(text, name, _parse_settings(text, rest), checkpoints[name])
+    if name == FULL:
+        return MethodSpec(FULL, FULL)
+    cls = get_method(name)  # raises on unknown names
+    if cls.trainable:
+        raise ValueError(f"{name} is trainable: give its weights with --checkpoint {name}=PATH")
+    return MethodSpec(text, name, _parse_settings(text, rest))
 
 
 def sanitize(label: str) -> str:
@@ -161,22 +236,30 @@ def sanitize(label: str) -> str:
 
 
 def expand_tasks(tasks: Iterable[str]) -> list[str]:
-    """Task names; ``ruler`` stands for RULER's 11 offline tasks, ``all`` for every registered task."""
+    """Task names; ``ruler`` stands for RULER's 11 offline tasks, ``all`` for every registered task,
+    ``family:<name>`` for the tasks of a family (`trainkv.data.tasks.TASK_FAMILIES`)."""
     out: list[str] = []
     for t in tasks:
         if t == "ruler":
             out.extend(RULER_TASKS)
         elif t == "all":
             out.extend(TASKS)
+        elif t.startswith("family:"):
+            try:
+                out.extend(family_tasks(t.partition(":")[2]))
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
         elif t in TASKS:
             out.append(t)
         else:
-            raise ValueError(f"unknown task {t!r}; known: ruler, all, {', '.join(sorted(TASKS))}")
+            raise ValueError(f"unknown task {t!r}; known: ruler, all, family:<{'|'.join(TASK_FAMILIES)}>, "
+                             f"{', '.join(sorted(TASKS))}")
     return list(dict.fromkeys(out))
 
 
 __all__ = [
-    "DEFAULT_SEED", "DTYPES", "FULL", "MethodSpec", "NO_EVICTION_BUDGET", "SPLIT", "budget_label", "checkpoint_digest",
-    "eviction_settings", "expand_tasks", "keep_entries", "keep_ratio", "parse_keep", "parse_method", "protected_tokens",
-    "sanitize",
+    "ADHOC", "DEFAULT_SEED", "DEV_SEEDS", "DTYPES", "EVAL_SPLITS", "FULL", "MethodSpec", "NO_EVICTION_BUDGET", "SPLIT",
+    "SPLIT_SEEDS", "TEST_SEED", "TEST_SEED_DECLARED", "budget_label", "checkpoint_digest", "eviction_settings", "expand_tasks",
+    "keep_entries", "keep_ratio", "parse_keep", "parse_method", "protected_tokens", "record_split", "resolve_split",
+    "run_seeds", "sanitize",
 ]

@@ -43,6 +43,57 @@ TEMPLATES = {
 }
 
 
+#: Task families: tasks that test the same skill with the same prompt templates. A held-out-family experiment trains
+#: on every other family and evaluates this one (``trainkv eval --tasks family:<name>``, see docs/protocol.md).
+#: The two needle families share one template table (`niah.TEMPLATES`), so neither can be held out alone
+#: (`training_tasks_without` refuses); every other family has templates, vocabularies and needle formats of its own.
+TASK_FAMILIES: dict[str, tuple[str, ...]] = {
+    "niah_single": ("niah_single_1", "niah_single_2", "niah_single_3", "niah_single_words"),
+    "niah_multi": ("niah_multikey_1", "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery"),
+    "variable_tracking": ("vt",),
+    "aggregation": ("cwe", "fwe"),
+    "kv_retrieval": ("kv_retrieval",),
+    "passkey": ("passkey",),
+}
+
+
+#: The family the held-out-family recipes leave out (``configs/recipes/*/*_heldout.yaml``; docs/protocol.md says why:
+#: the retrieval families vt and kv_retrieval score 0 with SmolLM2's full cache, passkey is niah_single_1's structure
+#: in other words, and the two needle families share one template table; aggregation has formats and a skill of its
+#: own and a full-cache score to keep a share of).
+HELD_OUT_FAMILY = "aggregation"
+
+
+def task_family(task: str) -> str:
+    """The family of a registered task."""
+    for family, members in TASK_FAMILIES.items():
+        if task in members:
+            return family
+    raise KeyError(f"task {task!r} belongs to no family; families: {sorted(TASK_FAMILIES)}")
+
+
+def family_tasks(family: str) -> tuple[str, ...]:
+    try:
+        return TASK_FAMILIES[family]
+    except KeyError:
+        raise KeyError(f"unknown task family {family!r}; known: {', '.join(sorted(TASK_FAMILIES))}") from None
+
+
+def training_tasks_without(family: str) -> list[str]:
+    """Every registered task outside ``family`` (the ``data.tasks`` of a held-out-family recipe).
+
+    Refused when a remaining task shares a template table with the held-out family (its training samples would
+    carry the held-out family's wording).
+    """
+    held = family_tasks(family)
+    rest = [t for t in TASKS if t not in held]
+    shared = sorted({t for t in rest for h in held if TEMPLATES[t] is TEMPLATES[h]})
+    if shared:
+        raise ValueError(f"family {family!r} shares its prompt templates with {', '.join(shared)}; hold out the "
+                         "tasks that share a template table together")
+    return rest
+
+
 def get_task(name: str) -> TaskFn:
     try:
         return TASKS[name]
@@ -71,4 +122,5 @@ def generate_samples(
     return [generate_sample(task, tokenizer, context_tokens, seed, split, i, depth, **kwargs) for i in range(n)]
 
 
-__all__ = ["TASKS", "RULER_TASKS", "TEMPLATES", "get_task", "generate_sample", "generate_samples"]
+__all__ = ["HELD_OUT_FAMILY", "TASKS", "RULER_TASKS", "TASK_FAMILIES", "TEMPLATES", "family_tasks", "get_task", "generate_sample",
+           "generate_samples", "task_family", "training_tasks_without"]
