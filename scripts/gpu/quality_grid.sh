@@ -11,7 +11,7 @@ ckpts=(); names=()
 for a in "$@"; do ckpts+=(--checkpoint "$a"); names+=("${a%%=*}"); done
 mkdir -p logs
 ev() {  # log, args...
-  timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+  timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv eval --model smollm2-135m --device cuda \
     --batch-size 64 --no-progress --tasks ruler --samples 4 "${@:2}" >"logs/$1.log" 2>&1
 }
 budgets="0.5 0.25 0.125 0.0625"
@@ -25,8 +25,8 @@ done
 ev kl --kl-only --output results/smollm2_kl --methods full streaming_llm h2o snapkv tova corm ${names[@]+"${names[@]}"} \
   ${ckpts[@]+"${ckpts[@]}"} --keep 0.25 0.125 --context-lengths 1024 &
 wait
-python -m trainkv.cli eval --report-only --output results/smollm2 >/dev/null 2>&1
-python -m trainkv.cli eval --report-only --output results/smollm2_kl >/dev/null 2>&1
+python -m trainkv eval --report-only --output results/smollm2 >/dev/null 2>&1
+python -m trainkv eval --report-only --output results/smollm2_kl >/dev/null 2>&1
 tar czf "$OUT/eval.tgz" results/smollm2
 tar czf "$OUT/kl.tgz" results/smollm2_kl
 for f in logs/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | tail -6; done >"$OUT/logs.txt"

@@ -19,7 +19,7 @@ train ag2k attention_gate_sft_gpu_2k.yaml attention_gate_sft.py
 train agmix attention_gate_mix_gpu.yaml attention_gate_sft.py
 train rh2k locret_gpu_2k.yaml locret_train.py
 ev() {  # seconds, args...
-  timeout "$1" python -m trainkv.cli eval --model smollm2-135m --device cuda --batch-size 64 --no-progress \
+  timeout "$1" python -m trainkv eval --model smollm2-135m --device cuda --batch-size 64 --no-progress \
     --output results/smollm2 --tasks ruler --samples 4 "${@:2}"
 }
 ev 200 --methods retaining_head --checkpoint retaining_head=checkpoints/smollm2-135m/retaining_head \
@@ -34,7 +34,7 @@ for run in attention_gate_sft_gpu_2k attention_gate_mix_gpu locret_gpu_2k; do
     >"logs/eval_$name.log" 2>&1
   tar czf "$OUT/$name.tgz" -C "$d" final train_summary.json metrics.jsonl
 done
-python -m trainkv.cli eval --report-only --output results/smollm2 >/dev/null 2>&1
+python -m trainkv eval --report-only --output results/smollm2 >/dev/null 2>&1
 tar czf "$OUT/eval.tgz" results/smollm2
 for f in logs/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | tail -8; done >"$OUT/logs.txt"
 cat "$OUT/logs.txt"

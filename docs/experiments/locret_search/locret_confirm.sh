@@ -10,12 +10,12 @@ mkdir -p logs
 for L in 2048 1024; do
   for m in full retaining_head attention_gate; do
     ck=(); [ "$m" != full ] && ck=(--checkpoint "$m=checkpoints/smollm2-135m/$m")
-    timeout $(( deadline - $(date +%s) - 15 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+    timeout $(( deadline - $(date +%s) - 15 )) python -m trainkv eval --model smollm2-135m --device cuda \
       --batch-size 64 --no-progress --tasks ruler --output results/smollm2_seed2024 --samples 16 --seed 2024 \
       --keep 0.125 --context-lengths $L --methods $m "${ck[@]}" >>"logs/${m}_$L.log" 2>&1 &
   done
 done
 wait
-python -m trainkv.cli eval --report-only --output results/smollm2_seed2024 --seed 2024 --samples 16 >/dev/null 2>&1
+python -m trainkv eval --report-only --output results/smollm2_seed2024 --seed 2024 --samples 16 >/dev/null 2>&1
 tar czf "$OUT/confirm.tgz" results/smollm2_seed2024
 python docs/experiments/locret_search/locret_tools.py table "results/smollm2_seed2024/runs/*.json" | tee "$OUT/logs.txt"

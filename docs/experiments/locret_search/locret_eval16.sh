@@ -16,7 +16,7 @@ python docs/experiments/locret_search/locret_tools.py candidate locret_lp_p9_s0.
 python docs/experiments/locret_search/locret_tools.py candidate locret_lp_p9_s32 /tmp/gpu/long_lp 9 32
 ev() {  # log, args...
   local log=$1; shift
-  timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+  timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv eval --model smollm2-135m --device cuda \
     --batch-size 64 --no-progress --tasks ruler --output results/smollm2_16 --samples 16 --seed 1234 \
     --keep 0.125 "$@" >>"logs/$log.log" 2>&1
 }
@@ -28,7 +28,7 @@ for L in 2048 1024; do
   done
 done
 wait
-python -m trainkv.cli eval --report-only --output results/smollm2_16 >/dev/null 2>&1
+python -m trainkv eval --report-only --output results/smollm2_16 >/dev/null 2>&1
 tar czf "$OUT/eval16.tgz" results/smollm2_16
 python docs/experiments/locret_search/locret_tools.py table "results/smollm2_16/runs/*.json" >"$OUT/logs.txt" 2>&1
 for f in logs/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | tail -2; done >>"$OUT/logs.txt"

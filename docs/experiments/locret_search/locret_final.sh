@@ -18,7 +18,7 @@ ship=checkpoints/smollm2-135m/retaining_head
 lp=/tmp/gpu/long_lp
 ev() {  # log, args...
   local log=$1; shift
-  timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+  timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv eval --model smollm2-135m --device cuda \
     --batch-size 64 --no-progress --tasks ruler "$@" >>"logs/$log.log" 2>&1
 }
 dev=(--output runs/dev --samples 8 --seed 4321 --keep 0.125)
@@ -36,7 +36,7 @@ done
 wait
 ev kl --kl-only --kl-samples 8 --output results/smollm2_kl --keep 0.25 0.125 --context-lengths 1024 --overwrite \
   --methods retaining_head locret_long_lp --checkpoint retaining_head=$ship --checkpoint locret_long_lp=$lp
-python -m trainkv.cli eval --report-only --output runs/dev >/dev/null 2>&1
+python -m trainkv eval --report-only --output runs/dev >/dev/null 2>&1
 tar czf "$OUT/dev.tgz" runs/dev
 tar czf "$OUT/grid.tgz" results/smollm2/runs/retaining_head__* results/smollm2/runs/locret_long_lp__* \
   results/smollm2_kl/quality/retaining_head__* results/smollm2_kl/quality/locret_long_lp__*

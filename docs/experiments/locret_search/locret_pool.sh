@@ -20,7 +20,7 @@ for base in ship=checkpoints/smollm2-135m/retaining_head lp=/tmp/gpu/long_lp; do
 done
 ev() {  # log, args...
   local log=$1; shift
-  timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+  timeout $(( deadline - $(date +%s) - 25 )) python -m trainkv eval --model smollm2-135m --device cuda \
     --batch-size 64 --no-progress --tasks ruler "$@" >>"logs/$log.log" 2>&1
 }
 dev=(--output runs/devpool --samples 16 --seed 777 --context-lengths 2048)
@@ -48,7 +48,7 @@ args=(); names=()
 for n in $best; do names+=("locret_$n"); args+=(--checkpoint "locret_$n=runs/cand/$n"); done
 ev kl --kl-only --kl-samples 8 --output results/smollm2_kl --keep 0.25 0.125 --context-lengths 1024 \
   --methods "${names[@]}" "${args[@]}"
-python -m trainkv.cli eval --report-only --output runs/devpool >/dev/null 2>&1
+python -m trainkv eval --report-only --output runs/devpool >/dev/null 2>&1
 tar czf "$OUT/devpool.tgz" runs/devpool
 tar czf "$OUT/grid.tgz" results/smollm2/runs/locret_* results/smollm2_kl/quality/locret_*
 python docs/experiments/locret_search/locret_tools.py table "runs/devpool/runs/*.json" "results/smollm2/runs/locret_*" \

@@ -33,13 +33,13 @@ dev() {  # recent_window label=checkpoint... (L 2048, keep 1/8)
   for lc in "$@"; do names+=("${lc%%=*}_rw$rw"); args+=(--checkpoint "${lc%%=*}_rw$rw=${lc#*=}"); done
   local left=$(( deadline - $(date +%s) - 20 ))
   [ "$left" -gt 30 ] || return
-  timeout "$left" python -m trainkv.cli eval --model smollm2-135m --device cuda --batch-size 64 --no-progress \
+  timeout "$left" python -m trainkv eval --model smollm2-135m --device cuda --batch-size 64 --no-progress \
     --output runs/dev --tasks ruler --samples 8 --seed 4321 --keep 0.125 --context-lengths 2048 \
     --recent-window "$rw" --methods "${names[@]}" "${args[@]}" >>"logs/dev_rw$rw.log" 2>&1
 }
 for v in "${variants[@]}"; do train "${v%%|*}" ${v#*|}; done
 # meanwhile: full cache, the shipped heads and the second run (stashed from .gpu/a5 as /tmp/gpu/l2k)
-timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv eval --model smollm2-135m --device cuda \
   --batch-size 64 --no-progress --output runs/dev --tasks ruler --samples 8 --seed 4321 --methods full \
   --context-lengths 2048 >>logs/dev_full.log 2>&1 &
 olds=(ship=checkpoints/smollm2-135m/retaining_head)
@@ -58,7 +58,7 @@ while [ ${#pending[@]} -gt 0 ] && [ $(( deadline - $(date +%s) )) -gt 60 ]; do
   sleep 10
 done
 wait
-python -m trainkv.cli eval --report-only --output runs/dev >/dev/null 2>&1
+python -m trainkv eval --report-only --output runs/dev >/dev/null 2>&1
 tar czf "$OUT/dev.tgz" runs/dev
 for v in "${variants[@]}"; do
   d=runs/smollm2-135m/locret_${v%%|*}

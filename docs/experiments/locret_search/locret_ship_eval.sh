@@ -10,7 +10,7 @@ mkdir -p logs
 rh=(--methods retaining_head --checkpoint retaining_head=checkpoints/smollm2-135m/retaining_head --overwrite)
 ev() {  # log, args...
   local log=$1; shift
-  timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv.cli eval --model smollm2-135m --device cuda \
+  timeout $(( deadline - $(date +%s) - 20 )) python -m trainkv eval --model smollm2-135m --device cuda \
     --batch-size 64 --no-progress --tasks ruler "${rh[@]}" "$@" >>"logs/$log.log" 2>&1
 }
 for L in 2048 1024 512; do
