@@ -240,6 +240,9 @@ def markdown(summary: dict[str, Any], title: str = "trainkv evaluation") -> str:
             continue
         lines += ["", f"## {length} tokens", ""]
         cols = [b for b in budgets if any(b["label"] in summary["methods"][m][key] for m in rows)]
+        if not cols:  # only the full cache was run at this length
+            lines += ["| method | full cache |", "|---|---|", f"| full cache | {_fmt(full['score'])}{_ci(full)} |"]
+            continue
         lines.append("| method | " + " | ".join(budget_title(b) for b in cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         if full:
