@@ -396,6 +396,13 @@ class Run:
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, path)
 
+    def add_failure(self, base: dict, exc: Exception) -> None:
+        """A row that did not run: out of memory is a skip (it does not fit), anything else an error."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            self.add({**base, "skipped": f"out of memory: {exc}"[:200]})
+        else:
+            self.add({**base, "error": f"{type(exc).__name__}: {exc}"[:500]})
+
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.write()
@@ -486,10 +493,8 @@ class Run:
                         res["compiled"] = on_gpu
                         del cache
                     self.add({**self.measured(base, entries, res), **prefill_info})
-                except torch.OutOfMemoryError as exc:
-                    self.add({**base, "skipped": f"out of memory: {exc}"[:200]})
                 except Exception as exc:  # noqa: BLE001 - record and go on
-                    self.add({**base, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    self.add_failure(base, exc)
                 cleanup()
         del source
         cleanup()
@@ -543,10 +548,8 @@ class Run:
                             graphs.clear()  # each graph holds its cache buffers
                     self.add({**self.measured(base, entries, res), **prefill_info})
                     del out
-                except torch.OutOfMemoryError as exc:
-                    self.add({**base, "skipped": f"out of memory: {exc}"[:200]})
                 except Exception as exc:  # noqa: BLE001 - record and go on
-                    self.add({**base, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    self.add_failure(base, exc)
                 cleanup()
         del source
         detach(model)

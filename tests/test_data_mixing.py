@@ -46,3 +46,31 @@ def test_row_reduction_weighs_rows_equally():
     assert reduce_kl(kl, mask, "row").item() == pytest.approx((1.5 + 5.0) / 2)  # the empty row does not count
     with pytest.raises(ValueError, match="kl_reduction"):
         AttentionGateConfig(kl_reduction="sample")
+
+
+def test_training_data_never_pickles_a_table_to_fingerprint_it(tok, monkeypatch):
+    """`datasets` fingerprints a new in-memory table by pickling it with dill; on the GPU image that raised
+    PicklingError (pyarrow's MonthDayNano) and stopped the training. The builtin rows, their tokenization and
+    the prose windows carry fingerprints computed from the rows, so no table is pickled."""
+    import pickle
+
+    import datasets.fingerprint
+    import datasets.table
+    import pyarrow as pa
+
+    real = datasets.fingerprint.Hasher.hash
+
+    def refuse(cls, value):  # what the GPU image did with a table; plain values hash as always
+        if isinstance(value, (pa.Table, datasets.table.Table)):
+            raise pickle.PicklingError("Can't pickle <class 'MonthDayNano'>: it's not found as builtins.MonthDayNano")
+        return real(value)
+
+    monkeypatch.setattr(datasets.fingerprint.Hasher, "hash", classmethod(refuse))
+    cfg = DataConfig(source="builtin:tasks", format="sft", seq_len=700, num_samples=4, tasks=["niah_single_1"],
+                     context_tokens=[400], prose_blocks=2, prose_block_tokens=128, seed=3)
+    first = build_dataset(cfg, tok, 0)
+    assert len(first) == 4 + 2
+    again = build_dataset(cfg, tok, 0)
+    assert first._fingerprint == again._fingerprint and first["input_ids"] == again["input_ids"]
+    cfg.seed = 4
+    assert build_dataset(cfg, tok, 0)._fingerprint != first._fingerprint

@@ -1,5 +1,5 @@
-# Issue 17: the cells of the evidence session, shared by scripts/gpu/evidence_train_heldout.sh (call 1) and
-# scripts/gpu/evidence_eval.sh (call 2); sourced, not run. Every cell is a `trainkv eval` run file in a resumable
+# Issue 17: the cells of the evidence session, used by scripts/gpu/evidence_session.sh;
+# sourced, not run. Every cell is a `trainkv eval` run file in a resumable
 # output folder, so a call that finds a cell done skips it in seconds (samples are generated, the model is not
 # loaded). Settings (environment, defaults = the real session):
 #   DEV_N=4 DEV_FAMILY_N=8 TEST_N=16 TF_N=8   samples per task (per seed on dev: 4 x 3 seeds = 12 per task)

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17 in ONE GPU call (one H200, after `source .gpu/b/setup.sh`; docs/protocol.md): what
-# evidence_train_heldout.sh + evidence_eval.sh do in two calls, packed into one, with the test keeps cut to the
-# deciding 1/8 (the README headline) so that it fits a session with little device time left.
+# Issue 17 in ONE GPU call (one H200, after `source .gpu/b/setup.sh`; docs/protocol.md), with the test keeps cut
+# to the deciding 1/8 (the README headline) so that it fits a session with little device time left.
 #   1. both held-out-family recipes train (background); beside them the dev cells of the shipped checkpoints
 #      (full, Attention-Gate, Locret under the declared settings) and the choice-free test cells (full cache,
 #      the training-free methods) at 1K and 2K x 1/8;

@@ -26,6 +26,8 @@ position of a run is one integer (samples consumed), independent of the number o
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -284,14 +286,16 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> datasets.Dataset
     raw = _builtin_dataset(cfg, tokenizer, seed) if cfg.source.startswith("builtin") else load_raw(cfg)
     columns = set(raw.column_names)
     fn, kwargs = _tokenize_fn(cfg, tokenizer, columns, len(raw))
-    ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
+    tokenized = fingerprint(raw._fingerprint, "tokenize", cfg, getattr(tokenizer, "name_or_path", None),
+                            len(tokenizer) if tokenizer is not None else None)
+    ds = raw.map(fn, batched=True, remove_columns=raw.column_names, new_fingerprint=tokenized, **kwargs)
     if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
         logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
                        len(raw) - len(ds), len(raw), cfg.seq_len)
     if cfg.prose_blocks:
         blocks = prose_windows(tokenizer, cfg.prose_blocks, cfg.prose_block_tokens or cfg.seq_len, seed)
-        extra = datasets.Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]})
-        ds = datasets.concatenate_datasets([ds, extra.cast(ds.features)])
+        extra = {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        ds = datasets.concatenate_datasets([ds, in_memory_dataset(extra, fingerprint(blocks), ds.features)])
     if len(ds) == 0:
         raise ConfigError(
             f"data: no training sequence left from {cfg.source!r} (format={cfg.format}, seq_len={cfg.seq_len}); "
@@ -300,15 +304,39 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> datasets.Dataset
     return ds
 
 
-def _builtin_dataset(cfg: DataConfig, tokenizer, seed: int) -> datasets.Dataset:
-    import datasets
+def fingerprint(*parts) -> str:
+    """A `datasets` fingerprint of plain values (JSON; anything else by its ``str``)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
+
+def in_memory_dataset(rows: list[dict] | dict[str, list], fingerprint_: str, features=None) -> datasets.Dataset:
+    """A `datasets.Dataset` over rows held in memory, fingerprinted by the caller.
+
+    ``Dataset.from_list`` / ``from_dict`` fingerprint a new table by pickling it with dill, which depends on
+    the interpreter and the pyarrow build: on the GPU image (Python 3.12.3, pyarrow 26, dill 0.4.1) it raised
+    ``PicklingError: Can't pickle <class 'MonthDayNano'>`` and stopped the training before its first step. The
+    fingerprint only names the table (nothing is cached for in-memory data), so a hash of the rows does.
+    ``features``: the column types to give the rows (else inferred by pyarrow).
+    """
+    import datasets
+    import pyarrow as pa
+
+    schema = features.arrow_schema if features is not None else None
+    table = pa.Table.from_pylist(rows, schema=schema) if isinstance(rows, list) else pa.Table.from_pydict(rows, schema=schema)
+    info = datasets.DatasetInfo(features=features) if features is not None else None
+    return datasets.Dataset(datasets.table.InMemoryTable(table), info=info, fingerprint=fingerprint_)
+
+
+def _builtin_dataset(cfg: DataConfig, tokenizer, seed: int) -> datasets.Dataset:
     if tokenizer is None:
         raise ConfigError("data.source=builtin needs a tokenizer (set `tokenizer`)")
     rows = _builtin_rows(cfg, tokenizer, seed)
     if not rows:
         raise ConfigError(f"data.source {cfg.source}: produced no rows")
-    return datasets.Dataset.from_list(rows)
+    return in_memory_dataset(rows, fingerprint(rows))
 
 
 def _tokenize_fn(cfg: DataConfig, tokenizer, columns: set[str], num_rows: int):
