@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +243,19 @@ def env_for_subprocess() -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(tests), env.get("PYTHONPATH", "")])
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return env
+
+
+def run_launcher(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` for a launcher (torchrun, accelerate launch) whose workers are grandchildren: on timeout the
+    whole process group is killed, so no worker outlives the test (a plain ``run`` kills only the launcher), and
+    the test fails with the tail of the output instead of a bare TimeoutExpired."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[2:4]} ran past {timeout:.0f} s (a loaded machine?); its process group was "
+                             f"killed.\n{out[-2000:]}\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

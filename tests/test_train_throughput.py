@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from benchmark_loader import load_benchmark
-from runtime_helpers import env_for_subprocess
+from runtime_helpers import env_for_subprocess, run_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
@@ -52,7 +51,7 @@ def test_cpu_run_writes_a_sane_json_and_combine(tmp_path, tp):
     cmd = [sys.executable, str(SCRIPT), "--model-config", "tiny", "--seq-len", "96", "--warmup", "1", "--steps", "2",
            "--peak-tflops", "1.0", "--workdir", str(tmp_path / "work"), "--output", str(out),
            "eviction.chunk_size=32", "dtype=float32", "mixed_precision=no"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tokens/s" in proc.stdout
     r = json.loads(out.read_text())

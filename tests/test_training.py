@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from runtime_helpers import env_for_subprocess
+from runtime_helpers import env_for_subprocess, run_launcher
 from trainkv.methods import METHODS, register_method
 from trainkv.methods.base import EvictionMethod, MethodConfig
 
@@ -479,8 +479,7 @@ def test_accelerate_launch_recipe_kill_and_resume(tmp_path, smol_tokenizer):
 
     last = int(latest_checkpoint(root).name.split("-")[1])
     end = last + 2
-    proc = subprocess.run(launch + [f"max_steps={end}", "--resume"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=150)
+    proc = run_launcher(launch + [f"max_steps={end}", "--resume"], cwd=ROOT, env=env, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "config.json").is_file()
     summary = json.loads((out / "train_summary.json").read_text())
@@ -499,7 +498,7 @@ def test_torchrun_two_cpu_processes_agree(tmp_path, smol_tokenizer):
     env["ACCELERATE_USE_CPU"] = "true"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "recipes/attention_gate_sft.py"), "--config", str(yml), "max_steps=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_launcher(cmd, cwd=ROOT, env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
@@ -529,7 +528,7 @@ def test_deepspeed_zero3_and_zero2_single_process_match_plain_and_cross_resume(t
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / f"configs/accelerate/deepspeed_zero{stage}.yaml"), str(ROOT / "recipes/attention_gate_sft.py"),
                "--config", str(yml), f"output_dir={out}", *common, *extra]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = run_launcher(cmd, cwd=ROOT, env=env, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -630,7 +629,7 @@ def test_deepspeed_bf16_final_export_holds_the_fp32_masters(tmp_path, smol_token
            str(ROOT / "configs/accelerate/deepspeed_zero2.yaml"), str(ROOT / "recipes/attention_gate_sft.py"),
            "--config", str(yml), "max_steps=3", "mixed_precision=bf16", "lr=0.03",
            "lora={r: 2, alpha: 4, target_modules: [q_proj, v_proj]}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tensors = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
     gates = {k: v for k, v in tensors.items() if k.startswith("layers.")}
