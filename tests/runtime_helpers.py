@@ -245,17 +245,40 @@ def env_for_subprocess() -> dict:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def run_launcher(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run` for a launcher (torchrun, accelerate launch) whose workers are grandchildren: on timeout the
-    whole process group is killed, so no worker outlives the test (a plain ``run`` kills only the launcher), and
-    the test fails with the tail of the output instead of a bare TimeoutExpired."""
+    """`subprocess.run` for a launcher (torchrun, accelerate launch) whose workers are grandchildren in sessions of
+    their own: on timeout the launcher and every process below it are killed, so no worker outlives the test
+    (a plain ``run`` kills only the launcher, and a worker left holding the output pipes would block reading
+    them), and the test fails with the tail of the output instead of a bare TimeoutExpired."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             **kwargs)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{cmd[2:4]} ran past {timeout:.0f} s (a loaded machine?); its process group was "
-                             f"killed.\n{out[-2000:]}\n{err[-2000:]}") from None
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(output unreadable: a process still holds the pipes)"
+        raise AssertionError(f"{cmd[2:4]} ran past {timeout:.0f} s; it and its workers were killed.\n"
+                             f"{out[-2000:]}\n{err[-2000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -490,6 +490,19 @@ def test_accelerate_launch_recipe_kill_and_resume(tmp_path, smol_tokenizer):
     assert list((out / "attention_gate_sft").glob("events.out.tfevents.*"))  # TensorBoard logs
 
 
+def test_run_launcher_kills_workers_in_sessions_of_their_own():
+    """torchrun starts each worker in a session of its own; on a timeout the helper must kill those too (a worker
+    left alive holds the output pipes: the test would hang instead of failing)."""
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(301)'], "
+            "start_new_session=True); time.sleep(301)")
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="ran past 2 s"):
+        run_launcher([sys.executable, "-c", code], timeout=2)
+    assert time.monotonic() - start < 40
+    left = subprocess.run(["pgrep", "-f", r"time.sleep\(301\)"], capture_output=True, text=True).stdout.split()
+    assert left == []
+
+
 def test_torchrun_two_cpu_processes_agree(tmp_path, smol_tokenizer):
     _, tok_path = smol_tokenizer
     data = write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
