@@ -50,7 +50,7 @@ def test_row_reduction_weighs_rows_equally():
 
 def test_training_data_never_pickles_a_table_to_fingerprint_it(tok, monkeypatch):
     """`datasets` fingerprints a new in-memory table by pickling it with dill; on the GPU image that raised
-    PicklingError (pyarrow's MonthDayNano) and stopped the training. The builtin rows, their tokenization and
+    PicklingError (pyarrow's MonthDayNano) and stopped the training. The builtin rows and
     the prose windows carry fingerprints computed from the rows, so no table is pickled."""
     import pickle
 

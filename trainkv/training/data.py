@@ -286,16 +286,14 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> datasets.Dataset
     raw = _builtin_dataset(cfg, tokenizer, seed) if cfg.source.startswith("builtin") else load_raw(cfg)
     columns = set(raw.column_names)
     fn, kwargs = _tokenize_fn(cfg, tokenizer, columns, len(raw))
-    tokenized = fingerprint(raw._fingerprint, "tokenize", cfg, getattr(tokenizer, "name_or_path", None),
-                            len(tokenizer) if tokenizer is not None else None)
-    ds = raw.map(fn, batched=True, remove_columns=raw.column_names, new_fingerprint=tokenized, **kwargs)
+    ds = raw.map(fn, batched=True, remove_columns=raw.column_names, **kwargs)
     if cfg.format == "sft" and "input_ids" not in columns and len(ds) < len(raw):
         logger.warning("data: dropped %d of %d sft rows longer than seq_len=%d (or without an answer)",
                        len(raw) - len(ds), len(raw), cfg.seq_len)
     if cfg.prose_blocks:
         blocks = prose_windows(tokenizer, cfg.prose_blocks, cfg.prose_block_tokens or cfg.seq_len, seed)
         extra = {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-        ds = datasets.concatenate_datasets([ds, in_memory_dataset(extra, fingerprint(blocks), ds.features)])
+        ds = datasets.concatenate_datasets([ds, in_memory_dataset(extra, fingerprint(*blocks), ds.features)])
     if len(ds) == 0:
         raise ConfigError(
             f"data: no training sequence left from {cfg.source!r} (format={cfg.format}, seq_len={cfg.seq_len}); "
@@ -305,7 +303,7 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> datasets.Dataset
 
 
 def fingerprint(*parts) -> str:
-    """A `datasets` fingerprint of plain values (JSON; anything else by its ``str``)."""
+    """A `datasets` fingerprint of plain values, hashed one part at a time (JSON; anything else by its ``str``)."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -336,7 +334,7 @@ def _builtin_dataset(cfg: DataConfig, tokenizer, seed: int) -> datasets.Dataset:
     rows = _builtin_rows(cfg, tokenizer, seed)
     if not rows:
         raise ConfigError(f"data.source {cfg.source}: produced no rows")
-    return in_memory_dataset(rows, fingerprint(rows))
+    return in_memory_dataset(rows, fingerprint(*rows))
 
 
 def _tokenize_fn(cfg: DataConfig, tokenizer, columns: set[str], num_rows: int):
