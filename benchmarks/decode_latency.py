@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import torch
 from common import LLAMA31_8B, environment, llama31_8b_random
+from generation import cleanup
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache, StoppingCriteria
 from transformers.generation.configuration_utils import CompileConfig
 
@@ -145,12 +145,6 @@ def slots_for(budget: int) -> int:
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def cleanup() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def free_bytes(device) -> int | None:
@@ -250,15 +244,15 @@ def roofline(info: dict, batch: int, entries: int, bandwidth: float, measured: f
 # ---------------------------------------------------------------------------------------------------------
 # caches for one batch size, from a batch-1 prefill
 # ---------------------------------------------------------------------------------------------------------
-def dynamic_for_batch(source: DynamicCache, batch: int) -> DynamicCache:
+def repeat_cache(source, batch: int):
+    """A copy of a batch-1 cache (DynamicCache or EvictingCache) repeated to ``batch`` rows."""
     cache = copy.deepcopy(source)
     if batch > 1:
         cache.batch_repeat_interleave(batch)
     return cache
 
 
-def static_for_batch(model, source: DynamicCache, batch: int, max_len: int) -> StaticCache:
-    info = shape(model)
+def static_for_batch(model, info: dict, source: DynamicCache, batch: int, max_len: int) -> StaticCache:
     p = next(model.parameters())
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     cache.early_initialization(batch_size=batch, num_heads=info["kv_heads"], head_dim=info["head_dim"], dtype=p.dtype,
@@ -268,13 +262,6 @@ def static_for_batch(model, source: DynamicCache, batch: int, max_len: int) -> S
         dst.keys[:, :, :n].copy_(src.keys.expand(batch, -1, -1, -1))
         dst.values[:, :, :n].copy_(src.values.expand(batch, -1, -1, -1))
         dst.cumulative_length.fill_(n)
-    return cache
-
-
-def evicting_for_batch(source, batch: int):
-    cache = copy.deepcopy(source)
-    if batch > 1:
-        cache.batch_repeat_interleave(batch)
     return cache
 
 
@@ -481,11 +468,11 @@ class Run:
                 try:
                     ids_b = ids.expand(batch, -1)
                     if row == "hf_dynamic":
-                        res, _ = decode(model, ids_b, dynamic_for_batch(source, batch), args)
+                        res, _ = decode(model, ids_b, repeat_cache(source, batch), args)
                         entries = context + args.warm + args.steps // 2
                     else:
                         max_len = context + args.warm + args.steps + 9
-                        cache = static_for_batch(model, source, batch, max_len)
+                        cache = static_for_batch(model, self.info, source, batch, max_len)
                         on_gpu = self.device.type == "cuda"
                         kw = {"compile_config": CompileConfig(dynamic=True)} if on_gpu else {"disable_compile": True}
                         res, _ = decode(model, ids_b, cache, args, **kw)
@@ -530,7 +517,7 @@ class Run:
                 graphs = model.trainkv_state.graphs
                 before = dict(graphs.stats) if graphs is not None else None
                 try:
-                    res, out = decode(model, ids.expand(batch, -1), evicting_for_batch(source, batch), args,
+                    res, out = decode(model, ids.expand(batch, -1), repeat_cache(source, batch), args,
                                       **options[row])
                     stats = out.cache.stats()
                     kept = [n for layer in stats["kept_per_layer_head"] for r in layer for n in r]

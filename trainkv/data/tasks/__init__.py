@@ -64,14 +64,6 @@ TASK_FAMILIES: dict[str, tuple[str, ...]] = {
 HELD_OUT_FAMILY = "aggregation"
 
 
-def task_family(task: str) -> str:
-    """The family of a registered task."""
-    for family, members in TASK_FAMILIES.items():
-        if task in members:
-            return family
-    raise KeyError(f"task {task!r} belongs to no family; families: {sorted(TASK_FAMILIES)}")
-
-
 def family_tasks(family: str) -> tuple[str, ...]:
     try:
         return TASK_FAMILIES[family]
@@ -123,4 +115,4 @@ def generate_samples(
 
 
 __all__ = ["HELD_OUT_FAMILY", "TASKS", "RULER_TASKS", "TASK_FAMILIES", "TEMPLATES", "family_tasks", "get_task", "generate_sample",
-           "generate_samples", "task_family", "training_tasks_without"]
+           "generate_samples", "training_tasks_without"]
