@@ -117,8 +117,7 @@ class _Entry:
             raise AssertionError(f"graph replayed on tensors it was not captured on: {stray[:3]}")
         out = self.replay_fn(cache)  # and write the outputs where a replayed graph would have
         for k, v in self.output.items():
-            if torch.is_tensor(v):
-                v.copy_(out[k])
+            v.copy_(out[k])
 
 
 class DecodeGraphs:
@@ -263,12 +262,9 @@ class DecodeGraphs:
             return None
         entry = _Entry(graph, static_ids, static_positions, out, after, weakref.ref(cache), replay_fn)
         self.stats["captures"] += 1
-        if self.emulate:
-            # the emulated capture ran the step for real already; keep the host state it left
-            self.entries[key] = entry
-        else:
+        if not self.emulate:  # (the emulated capture ran the step for real already; keep the host state it left)
             entry.replay(cache)  # capture records without running: run this step now
-            self.entries[key] = entry
+        self.entries[key] = entry
         while len(self.entries) > self.max_graphs:
             self.entries.popitem(last=False)[1].alive = False
         return self._output(entry, cache)
@@ -290,7 +286,7 @@ class DecodeGraphs:
 
     def _bind(self, entry: _Entry, cache: EvictingCache) -> None:
         """Make ``cache`` work on the graph's tensors (copying its current contents in when it does not yet)."""
-        owner = entry.owner() if entry.owner is not None else None
+        owner = entry.owner()
         if owner is not None and owner is not cache and owner.in_static:
             for name, t in entry.tensors.items():  # the previous owner still decodes: give it its own copies
                 if _get_bound(owner, name) is t:
