@@ -20,7 +20,10 @@ trainkv cache once per budget -- then, per row, a copy of that cache repeated to
 ``generate`` with the whole prompt (generate prefills the last token itself) and ``warm + steps`` new tokens
 (``min_new_tokens`` too). A stopping criterion records a synchronized timestamp per token; the first ``warm`` tokens
 (first token, the step that moves the cache into its slots, graph warm-up and capture, compile, cudagraph
-recording) are excluded. Batch-8 rows decode from the batch-1 prefill repeated 8 times: decoding speed does not
+recording) are excluded. ``linear_floor`` (per batch size): the model's linear layers alone in one CUDA graph,
+the weight reads of a step with the kernels torch picks, i.e. the floor under every row. A graphed row also times
+the same graph without generate (``forward_only_*``: one-token forwards in a loop, one synchronize at the end),
+which splits its step into the graph and generate's per-token host work. Batch-8 rows decode from the batch-1 prefill repeated 8 times: decoding speed does not
 depend on what the rows hold, and eight prefills at 128K would take minutes.
 
 Roofline of a row: ``batch / ((weight bytes read + KV bytes read per step) / bandwidth)``, the bandwidth measured in
@@ -172,6 +175,43 @@ def measure_bandwidth(device) -> dict:
     return {"bytes_per_s": 2 * n / best, "copy_bytes": n, "method": "best of 10 copies of a buffer, 2 x bytes / s"}
 
 
+@torch.no_grad()
+def linear_floor(model, batch: int = 1, repeats: int = 20) -> dict:
+    """The model's linear layers alone, one token per row: every `nn.Linear` applied once to a preallocated input,
+    captured as one CUDA graph on CUDA (eager elsewhere) and replayed. Its time is the floor a decoding step cannot
+    beat with these kernels (the weight reads of a step, nothing else), beside the copy bandwidth's roofline."""
+    device = next(model.parameters()).device
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype) for m in linears]
+
+    def step():
+        for m, x in zip(linears, inputs):
+            torch.nn.functional.linear(x, m.weight, m.bias)
+
+    run = step
+    if device.type == "cuda":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up (cuBLAS handles and workspaces) before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    run()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    return {"ms": round(1e3 * seconds, 3), "weight_bytes": weight_bytes, "bytes_per_s": weight_bytes / seconds,
+            "linears": len(linears), "batch": batch, "graphed": device.type == "cuda",
+            "what": "every nn.Linear once on one token per row (the weight reads of a decoding step alone)"}
+
+
 class StepTimer(StoppingCriteria):
     """Records a synchronized timestamp each time generate produced a token (never stops generation)."""
 
@@ -228,6 +268,30 @@ def decode(model, ids, cache, args, **generate_kwargs) -> dict:
     if device.type == "cuda":
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
     return res, out
+
+
+@torch.no_grad()
+def forward_steps(model, cache, batch: int, start: int, args) -> dict:
+    """Graphed decoding forwards alone, on a prefilled ``cache``: no generate and no per-token synchronize, so this
+    is the step's own time (the graph, or the host when the host is slower). ``args.warm`` untimed steps (entering
+    the slots, warm-up, capture), then ``args.steps`` timed between two synchronizes; greedy tokens fed back."""
+    device = next(model.parameters()).device
+    model.configure_decode(cache, dict(static=True, cuda_graphs=True))
+    n = args.warm + args.steps
+    positions = torch.arange(start, start + n, device=device)[:, None, None].expand(n, batch, 1)
+    token = torch.full((batch, 1), min(1000, model.config.vocab_size - 1), dtype=torch.long, device=device)
+    begin = None
+    for i in range(n):
+        if i == args.warm:
+            sync(device)
+            begin = time.perf_counter()
+        out = model(input_ids=token, position_ids=positions[i], cache=cache, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+    sync(device)
+    seconds = time.perf_counter() - begin
+    cache.end_static()
+    return {"forward_only_tokens_per_s": round(batch * args.steps / seconds, 2),
+            "forward_only_step_ms": round(1e3 * seconds / args.steps, 3)}
 
 
 def roofline(info: dict, batch: int, entries: int, bandwidth: float, measured: float | None) -> dict:
@@ -359,6 +423,7 @@ class Run:
         self.rows: list[dict] = []
         self.start = time.perf_counter()
         self.bandwidth = measure_bandwidth(self.device)
+        self.floor = {b: linear_floor(model, b) for b in args.batches}
         self.payload = {
             "what": "decode tokens/s through generate after a real chunked prefill, and the roofline of each row "
                     "(module doc of benchmarks/decode_latency.py)",
@@ -368,6 +433,7 @@ class Run:
                          "steps": args.steps, "warm": args.warm, "chunk": args.chunk, "method": args.method,
                          "sink_tokens": args.sinks, "recent_window": args.window, "rows": list(args.rows)},
             "shape": self.info, "bandwidth": self.bandwidth,
+            "linear_floor": {str(b): f for b, f in self.floor.items()},
         }
 
     def elapsed(self) -> float:
@@ -531,6 +597,10 @@ class Run:
                             if graphs is not None else None
                         res["graph_failures"] = list(graphs.failed.values())[:2] if graphs is not None else None
                         res["graphs_emulated"] = bool(graphs is not None and graphs.emulate)
+                        try:  # the same graph replayed without generate (its per-token host work and sync)
+                            res.update(forward_steps(model, repeat_cache(source, batch), batch, context - 1, args))
+                        except Exception as exc:  # noqa: BLE001 - record and go on
+                            res["forward_only_error"] = f"{type(exc).__name__}: {exc}"[:300]
                         if graphs is not None:
                             graphs.clear()  # each graph holds its cache buffers
                     self.add({**self.measured(base, entries, res), **prefill_info})

@@ -22,7 +22,7 @@ from trainkv.eval.report import budget_title
 from trainkv.hub.checkpoint import GateCheckpoint
 
 
-def eval_table(summary: dict, label: str, command: str) -> str:
+def eval_table(summary: dict, label: str, command: str, runs_dir: str = "results/smollm2/runs") -> str:
     rows = []
     full = summary.get("full", {})
     runs = summary.get("methods", {}).get(label, {})
@@ -35,11 +35,12 @@ def eval_table(summary: dict, label: str, command: str) -> str:
             rows.append(f"| {length} | {budget_title({'spec': cells[budget]['keep_ratio']})} | {s:.1f} | {base:.1f} | {share} |")
     if not rows:
         raise SystemExit(f"no rows for {label!r} in the summary: evaluate it first (trainkv eval ... --checkpoint {label}=...)")
-    head = ("Evaluation split of the synthetic RULER-style tasks (11 tasks x "
+    split = "Test split (docs/protocol.md)" if summary.get("eval_split") == "test" else "Evaluation split"
+    head = (f"{split} of the synthetic RULER-style tasks (11 tasks x "
             f"{summary.get('samples_per_task')} samples, seed {summary.get('seed')}, chunked prefill "
             f"{summary.get('chunk_size')}, query-agnostic; devices: {', '.join(summary.get('devices', []))}).\n"
-            f"Reproduce (a new output folder, so nothing is reused; three trained methods' 12 cells took 3 min on one H200; `--device cpu` works, slowly): `{command}`\n"
-            "The committed runs are `results/smollm2/runs/" + label + "__L*.json` (their `weights_sha256` is this checkpoint's).\n\n"
+            f"Reproduce (a new output folder, so nothing is reused; `--device cpu` works, slowly): `{command}`\n"
+            f"The committed runs are `{runs_dir}/{label}__L*.json` (their `weights_sha256` is this checkpoint's).\n\n"
             "| context tokens | keep ratio | score | full cache | share of full |\n|---|---|---|---|---|\n")
     return head + "\n".join(rows)
 
@@ -57,11 +58,18 @@ def main(argv=None) -> int:
 
     dest = Path(args.dest)
     summary = json.loads(Path(args.results).read_text())
-    command = (f"trainkv eval --methods {args.label} --checkpoint {args.label}={dest.as_posix()} --tasks ruler "
-               f"--context-lengths {' '.join(map(str, summary.get('context_lengths', [])))} "
-               "--budgets 0.5 0.25 0.125 0.0625 --samples 4 --output results/reproduce")
+    model = summary.get("model")
+    cells = summary.get("methods", {}).get(args.label, {})
+    keeps = sorted({c["keep_ratio"] for by_keep in cells.values() for c in by_keep.values()}, reverse=True)
+    lengths = sorted(cells, key=int) or summary.get("context_lengths", [])
+    command = (f"trainkv eval {f'--model {model} ' if model and model != 'smollm2-135m' else ''}"
+               f"--methods {args.label} --checkpoint {args.label}={dest.as_posix()} --tasks ruler "
+               f"--context-lengths {' '.join(map(str, lengths))} "
+               f"--keep {' '.join(f'{k:g}' for k in keeps or [0.5, 0.25, 0.125, 0.0625])} "
+               f"--samples {summary.get('samples_per_task', 4)} "
+               f"{'--split test ' if summary.get('eval_split') == 'test' else ''}--output results/reproduce")
     ckpt = GateCheckpoint.load(args.final)
-    ckpt.eval_table = eval_table(summary, args.label, command)
+    ckpt.eval_table = eval_table(summary, args.label, command, (Path(args.results).parent / "runs").as_posix())
     ckpt.card_name = args.load_name or dest.as_posix()
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -82,6 +82,20 @@ def test_trainkv_rows_keep_the_budget(smoke):
         if r["row"] == "trainkv_graphed":  # on CPU the graph runner runs emulated: captured once, then replayed
             assert r["graphs_emulated"] and r["graphs"]["captures"] == 1 and r["graphs"]["replays"] >= STEPS
             assert r["graph_failures"] == []
+            # the same graph without generate: measured, and never slower per token than through generate by much
+            assert "forward_only_error" not in r and r["forward_only_tokens_per_s"] > 0
+            assert r["forward_only_step_ms"] == pytest.approx(1e3 * r["batch"] / r["forward_only_tokens_per_s"], rel=0.01)
+
+
+def test_the_linear_floor_reads_every_linear_weight_once(smoke):
+    data, _ = smoke
+    assert set(data["linear_floor"]) == {str(b) for b in BATCHES}
+    for b, floor in data["linear_floor"].items():
+        # the tiny model: 2 layers x 7 projections + the LM head; weights read = all parameters but the embedding
+        assert floor["batch"] == int(b) and floor["linears"] == 15 and floor["ms"] > 0
+        # everything a step reads but the five RMSNorm weight vectors (hidden size 64, fp32)
+        assert floor["weight_bytes"] == data["shape"]["weight_bytes_read_per_step"] - 5 * 64 * 4
+        assert floor["bytes_per_s"] == pytest.approx(floor["weight_bytes"] / (floor["ms"] / 1e3), rel=0.01)
 
 
 def test_a_stopped_run_keeps_its_finished_rows(tmp_path):

@@ -193,6 +193,19 @@ def test_cwe_frequencies(tok):
         assert len(s.answers) == 10 and s.metadata["freq_cw"] > s.metadata["freq_ucw"]
 
 
+def test_cwe_reaches_32k_with_more_occurrences_per_uncommon_word(tok):
+    """The split's ~1,150 words at 3 occurrences fill ~25K tokens: 32K raises freq_ucw (only there), the common
+    words keep their 30 occurrences, and the context lands within the tolerance (it raised before: issue 18)."""
+    short = generate_sample("cwe", tok, 24576, seed=5, split="eval")
+    assert short.metadata["freq_ucw"] == 3  # unchanged where 3 occurrences fill the target
+    s = generate_sample("cwe", tok, 32768, seed=5, split="eval")
+    assert abs(s.context_tokens - 32768) <= s.metadata["tolerance"]
+    counts = Counter(re.findall(r"\d+\. (\S+)", s.context.split("\n", 1)[1]))
+    assert s.metadata["freq_ucw"] == 4 and s.metadata["freq_cw"] == 30
+    assert {w for w, c in counts.items() if c == 30} == set(s.answers)
+    assert {c for w, c in counts.items() if w not in s.answers} == {4}
+
+
 def test_fwe_frequencies(tok):
     for split in ("eval", "train"):
         s = generate_sample("fwe", tok, 1000, seed=3, split=split)

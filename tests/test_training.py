@@ -265,6 +265,42 @@ def test_partial_checkpoints_are_ignored_and_fresh_runs_refuse_to_clobber(tmp_pa
               model=tiny_model())
 
 
+def test_non_finite_loss_and_gradients_stop_the_run_with_the_weights_finite(tmp_path, monkeypatch):
+    """A NaN loss names the step and the loss terms; a non-finite gradient (here: inf on one gate's weight at step
+    3, the loss itself finite) stops the run before the optimizer step, so the weights stay finite and the last
+    checkpoint is the one named (issue 18: a bf16 run on Qwen went NaN at step 14 with nothing else said)."""
+    from trainkv import method_modules
+    from trainkv.training import train
+
+    original = TinyGate.training_loss.__func__
+    calls = {"n": 0}
+
+    def nan_loss(cls, model, batch, progress):
+        loss, logs = original(cls, model, batch, progress)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), logs
+
+    monkeypatch.setattr(TinyGate, "training_loss", classmethod(nan_loss))
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan \(lm=[0-9.]+, progress=0\.3333\); the last "
+                                                 r"checkpoint \(checkpoint-00000002\)"):
+        train(base_cfg(tmp_path / "nan", max_steps=6, save_every=2), model=tiny_model())
+
+    model = tiny_model()
+    calls["n"] = 0
+
+    def inf_grad(cls, model_, batch, progress):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            method_modules(model_)[1].proj.weight.register_hook(lambda g: g * float("inf"))
+        return original(cls, model_, batch, progress)
+
+    monkeypatch.setattr(TinyGate, "training_loss", classmethod(inf_grad))
+    with pytest.raises(FloatingPointError, match=r"step 3: non-finite gradients \(norm (nan|inf)\) in 1 parameters, "
+                                                 r"first \['model\.layers\.1\..*proj\.weight'\]; the weights were not updated"):
+        train(base_cfg(tmp_path / "inf", max_steps=6, save_every=2), model=model)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_atomic_write_leaves_no_checkpoint_when_interrupted(tmp_path, monkeypatch):
     from trainkv.training import checkpoint as ck
 

@@ -173,7 +173,13 @@ class EvictingGenerationMixin:
         sets them itself); without it, forwards with this cache use the compacting step."""
         cache = EvictingCache.for_model(self, self.trainkv_state.eviction.merged(eviction))
         if decode is not None:
-            self._configure_decode(cache, self.trainkv_state.decode.merged(decode))
+            self.configure_decode(cache, decode)
+        return cache
+
+    def configure_decode(self, cache: EvictingCache, decode: DecodeOptions | dict | None = None) -> EvictingCache:
+        """Set how one-token forwards made directly with ``cache`` decode (the attached `DecodeOptions` changed
+        by ``decode``): e.g. a prefilled cache stepped token by token outside `generate`. Returns ``cache``."""
+        self._configure_decode(cache, self.trainkv_state.decode.merged(decode))
         return cache
 
 

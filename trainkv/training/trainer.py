@@ -347,7 +347,9 @@ class Run:
             with accelerator.autocast():
                 loss, logs = self.method_cls.training_loss(self.view, batch, progress)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {self.step + 1}: the loss is {loss.item()}")
+                parts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (logs or {}).items())
+                raise FloatingPointError(f"step {self.step + 1}: the loss is {loss.item()}"
+                                         f"{f' ({parts})' if parts else ''}; {self._nonfinite_hint()}")
             accelerator.backward(loss)  # divides by the accumulation steps (DeepSpeed: its own scaling)
         return loss, logs
 
@@ -363,9 +365,23 @@ class Run:
             grad_norm = float(norm) if norm is not None else None
         elif cfg.clip_grad == "value":
             accelerator.clip_grad_value_(params, cfg.clip_value)
+        grads = [p.grad for p in params if p.grad is not None]  # (DeepSpeed: its engine handles overflow itself)
+        finite = self.deepspeed or (math.isfinite(grad_norm) if grad_norm is not None else (
+            not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())))
+        if not finite:  # checked before the update, so the weights (and the next checkpoint) stay finite
+            bad = [n for n, p in self.named if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            raise FloatingPointError(f"step {self.step + 1}: non-finite gradients (norm {grad_norm}) in {len(bad)} "
+                                     f"parameters, first {bad[:3]}; the weights were not updated. {self._nonfinite_hint()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _nonfinite_hint(self) -> str:
+        last = self.last_checkpoint.name if self.last_checkpoint is not None else None
+        return (f"the last checkpoint ({last}) was written before this step; resume from it with a lower lr, or in "
+                f"float32 (dtype=float32 mixed_precision=no) to tell a bf16 overflow from a bug" if last else
+                "no checkpoint was written yet; retry with a lower lr, or in float32 (dtype=float32 mixed_precision=no) "
+                "to tell a bf16 overflow from a bug")
 
     def _record(self, losses: list[torch.Tensor], logs_sum: dict[str, float], tokens: int, lr_used: float,
                 grad_norm: float | None, t0: float) -> dict:

@@ -5,9 +5,11 @@ A numbered list in which ``num_cw`` common words appear ``freq_cw`` times each a
 list length is sized with the number of uncommon words. At short contexts, where 300 common items
 would not fit, ``freq_cw`` shrinks so that the common items take about half the list (never below
 ``freq_ucw + 3``). RULER's in-context example is left out. Words come from the split's word list
-(:func:`trainkv.data.vocab.english_words`), which TRAIN and EVAL do not share; with about 1,150
-words per split the list reaches about 25K tokens on SmolLM2's tokenizer (longer targets raise), and
-very short targets (under about 400 tokens) cannot hold the 10 x 6 common items and raise too.
+(:func:`trainkv.data.vocab.english_words`), which TRAIN and EVAL do not share. With about 1,150
+words per split, three occurrences each fill about 25K tokens; a longer target gives every uncommon word
+more occurrences (``freq_ucw`` raised to the fewest that fill it, e.g. 4 at 32K: common words still
+appear ``freq_cw`` = 30 times), so the task is the same question at every length. Very short targets
+(under about 400 tokens) cannot hold the 10 x 6 common items and raise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 from typing import Any
 
 from trainkv.data.sample import Sample
-from trainkv.data.sizing import count_tokens
+from trainkv.data.sizing import count_tokens, tolerance
 from trainkv.data.tasks._base import PromptTemplate, fit_context, join_context, make_rng, make_sample, pick_template
 from trainkv.data.vocab import english_words
 
@@ -79,12 +81,25 @@ def generate(
     probe = numbered_list(pool[:100])
     per_item = count_tokens(tokenizer, probe) / 100
     items_budget = max(1.0, (context_tokens - count_tokens(tokenizer, intro)) / per_item)
-    freq = min(freq_cw, max(freq_ucw + 3, int(items_budget * 0.5 / num_cw)))
 
-    def build(m: int) -> tuple[str, list[tuple[int, int]]]:
-        items = common * freq + [w for w in pool[:m] for _ in range(freq_ucw)]
-        random.Random(order_seed).shuffle(items)
-        return join_context(intro, numbered_list(items), [])
+    def builder(f: int):
+        freq = min(freq_cw, max(f + 3, int(items_budget * 0.5 / num_cw)))
+
+        def build(m: int) -> tuple[str, list[tuple[int, int]]]:
+            items = common * freq + [w for w in pool[:m] for _ in range(f)]
+            random.Random(order_seed).shuffle(items)
+            return join_context(intro, numbered_list(items), [])
+
+        return freq, build
+
+    freq, build = builder(freq_ucw)
+    # a target the split's words cannot fill at freq_ucw occurrences: the fewest occurrences that fill it
+    while items_budget > 0.8 * (num_cw * freq + len(pool) * freq_ucw):
+        short = count_tokens(tokenizer, build(len(pool))[0]) < context_tokens - tolerance(context_tokens, 0)
+        if not short or freq_ucw + 4 > freq_cw:
+            break
+        freq_ucw += 1
+        freq, build = builder(freq_ucw)
 
     context, _, got, tol = fit_context(
         tokenizer, build, context_tokens, unit_tokens=round(per_item * freq_ucw), task=task, lo=0, hi=len(pool)
