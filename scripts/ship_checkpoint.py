@@ -22,7 +22,7 @@ from trainkv.eval.report import budget_title
 from trainkv.hub.checkpoint import GateCheckpoint
 
 
-def eval_table(summary: dict, label: str, command: str, runs_dir: str = "results/smollm2/runs") -> str:
+def eval_table(summary: dict, label: str, command: str, runs_dir: str) -> str:
     rows = []
     full = summary.get("full", {})
     runs = summary.get("methods", {}).get(label, {})
@@ -61,11 +61,11 @@ def main(argv=None) -> int:
     model = summary.get("model")
     cells = summary.get("methods", {}).get(args.label, {})
     keeps = sorted({c["keep_ratio"] for by_keep in cells.values() for c in by_keep.values()}, reverse=True)
-    lengths = sorted(cells, key=int) or summary.get("context_lengths", [])
+    lengths = sorted(cells, key=int)  # (eval_table refuses a label without cells)
     command = (f"trainkv eval {f'--model {model} ' if model and model != 'smollm2-135m' else ''}"
                f"--methods {args.label} --checkpoint {args.label}={dest.as_posix()} --tasks ruler "
                f"--context-lengths {' '.join(map(str, lengths))} "
-               f"--keep {' '.join(f'{k:g}' for k in keeps or [0.5, 0.25, 0.125, 0.0625])} "
+               f"--keep {' '.join(f'{k:g}' for k in keeps)} "
                f"--samples {summary.get('samples_per_task', 4)} "
                f"{'--split test ' if summary.get('eval_split') == 'test' else ''}--output results/reproduce")
     ckpt = GateCheckpoint.load(args.final)

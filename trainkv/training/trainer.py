@@ -365,10 +365,8 @@ class Run:
             grad_norm = float(norm) if norm is not None else None
         elif cfg.clip_grad == "value":
             accelerator.clip_grad_value_(params, cfg.clip_value)
-        grads = [p.grad for p in params if p.grad is not None]  # (DeepSpeed: its engine handles overflow itself)
-        finite = self.deepspeed or (math.isfinite(grad_norm) if grad_norm is not None else (
-            not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())))
-        if not finite:  # checked before the update, so the weights (and the next checkpoint) stay finite
+        if not self.deepspeed and not self._finite(params, grad_norm):  # (DeepSpeed handles overflow itself)
+            # checked before the update, so the weights (and the next checkpoint) stay finite
             bad = [n for n, p in self.named if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             raise FloatingPointError(f"step {self.step + 1}: non-finite gradients (norm {grad_norm}) in {len(bad)} "
                                      f"parameters, first {bad[:3]}; the weights were not updated. {self._nonfinite_hint()}")
@@ -376,12 +374,19 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    @staticmethod
+    def _finite(params: list, grad_norm: float | None) -> bool:
+        """Whether every gradient is finite (from the clipped norm when it was measured, else one device read)."""
+        if grad_norm is not None:
+            return math.isfinite(grad_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
     def _nonfinite_hint(self) -> str:
-        last = self.last_checkpoint.name if self.last_checkpoint is not None else None
-        return (f"the last checkpoint ({last}) was written before this step; resume from it with a lower lr, or in "
-                f"float32 (dtype=float32 mixed_precision=no) to tell a bf16 overflow from a bug" if last else
-                "no checkpoint was written yet; retry with a lower lr, or in float32 (dtype=float32 mixed_precision=no) "
-                "to tell a bf16 overflow from a bug")
+        last = self.last_checkpoint
+        where = (f"the last checkpoint ({last.name}) was written before this step; resume from it" if last is not None
+                 else "no checkpoint was written yet; retry")
+        return f"{where} with a lower lr, or in float32 (dtype=float32 mixed_precision=no) to tell a bf16 overflow from a bug"
 
     def _record(self, losses: list[torch.Tensor], logs_sum: dict[str, float], tokens: int, lr_used: float,
                 grad_norm: float | None, t0: float) -> dict:
