@@ -62,11 +62,15 @@ def main(argv=None) -> int:
     cells = summary.get("methods", {}).get(args.label, {})
     keeps = sorted({c["keep_ratio"] for by_keep in cells.values() for c in by_keep.values()}, reverse=True)
     lengths = sorted(cells, key=int)  # (eval_table refuses a label without cells)
+    settings = "".join(f"{flag} {summary[key]} " for key, flag, default in
+                       (("chunk_size", "--chunk-size", 512), ("dtype", "--dtype", "float32"))
+                       if summary.get(key, default) != default)  # the evaluation's, where not the CLI default
     command = (f"trainkv eval {f'--model {model} ' if model and model != 'smollm2-135m' else ''}"
                f"--methods {args.label} --checkpoint {args.label}={dest.as_posix()} --tasks ruler "
                f"--context-lengths {' '.join(map(str, lengths))} "
                f"--keep {' '.join(f'{k:g}' for k in keeps)} "
                f"--samples {summary.get('samples_per_task', 4)} "
+               f"{settings}"
                f"{'--split test ' if summary.get('eval_split') == 'test' else ''}--output results/reproduce")
     ckpt = GateCheckpoint.load(args.final)
     ckpt.eval_table = eval_table(summary, args.label, command, (Path(args.results).parent / "runs").as_posix())

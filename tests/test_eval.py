@@ -278,6 +278,18 @@ def test_summary_numbers_are_means_of_per_sample_scores(sweep_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["methods"]["snapkv"][str(CTX)]["r0.25"]["score"] == 37.5
 
 
+def test_summary_refuses_runs_of_another_dtype(sweep_dir, tmp_path):
+    """One table compares like with like: a run in bfloat16 beside float32 runs is an error naming the fix."""
+    out = tmp_path / "mixed"
+    (out / "runs").mkdir(parents=True)
+    for i, f in enumerate(sorted((sweep_dir / "runs").glob("*.json"))):
+        rec = json.loads(f.read_text())
+        rec["config"]["dtype"] = "bfloat16" if i == 1 else "float32"
+        (out / "runs" / f.name).write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="has dtype 'bfloat16', the other runs 'float32'.*own --output folder"):
+        report.write_report(out)
+
+
 def test_plot_written(sweep_dir):
     png = sweep_dir / "accuracy_vs_budget.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -4,6 +4,9 @@
 # $OUT/qwen_logs.txt). First run and its lessons: docs/notes/issue18_qwen.md. Setup: `../shared/tools/gpu-prep --with-qwen`
 # here, the stash runs back to back there, then `source .gpu/b/setup.sh` (it installs the six pinned wheels).
 #
+# Locret's shipped heads can stand in for its training (same recipe): copy checkpoints/qwen2.5-coder-0.5b/retaining_head
+# to runs/qwen2.5-coder-0.5b/locret/final and touch final/.shipped there (a stash-like run carrying that folder).
+#
 #   bash scripts/gpu/qwen_long_context.sh train  [deadline s, default 560]
 #       Everything the claims need, as a pipeline on one GPU: Attention-Gate (150 steps, 4-8K) and Locret (300 steps,
 #       8-16K) train at once; each trained method is evaluated at 8K, 16K and 32K x 1/8 as soon as its final exists
@@ -32,22 +35,25 @@ phase=${1:?usage: qwen_long_context.sh train|claims|grid [deadline seconds]}
 start=$(date +%s); deadline=$(( start + ${2:-560} ))
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 MODEL=${MODEL:-qwen2.5-coder-0.5b}; DEVICE=${DEVICE:-cuda}; N=${N:-8}
+# bfloat16 since the second GPU session (the model's own dtype; the first session's cells were float32 and ran at
+# ~13K tokens/s, too slow for the 32K cells): every cell of one results folder has the same dtype (trainkv eval
+# refuses to merge runs of another dtype into a folder's table).
+DTYPE=${DTYPE:-bfloat16}
 # Everything lives under runs/ (ignored by git): the device machine keeps ignored paths between calls but
 # replaces the rest of the tree with the carried one, so results or logs written elsewhere vanish at the next call.
 RUNS=runs/${MODEL}; R=$RUNS/results; L_=$RUNS/logs; CFG=configs/recipes/qwen2.5-coder-0.5b
 LONG=(${LENGTHS_LONG:-16384 32768}); CLAIM=(${LENGTHS_CLAIM:-8192 16384 32768})
 TF_METHODS=(${TF_METHODS:-streaming_llm h2o snapkv tova corm random})
 AG=$RUNS/attention_gate_sft/final; RH=$RUNS/locret/final; LB=$RUNS/layer_budget_r8/final
-TRAINED=(--checkpoint "attention_gate=$AG" --checkpoint "retaining_head=$RH" --checkpoint "layer_budget=$LB")
-COMMON=(--model "$MODEL" --device "$DEVICE" --split test --tasks ruler --samples "$N" --chunk-size 1024 --no-progress)
+COMMON=(--model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --split test --tasks ruler --samples "$N" --chunk-size 1024 --no-progress)
 mkdir -p "$L_" "$R"
 
 finish() {
   tar czf "$OUT/qwen_results.tgz" "$R" "$L_" $(ls "$RUNS"/*/train_summary.json "$RUNS"/*/metrics.jsonl \
     "$RUNS"/*/final/config.json "$RUNS"/*/final/allocation.json 2>/dev/null) 2>/dev/null
-  if [ "$phase" = train ] && ls "$RUNS"/*/final/model.safetensors >/dev/null 2>&1; then
-    tar czf - "$RUNS"/*/final | split -b 15M -d -a 2 - "$OUT/qwen_gates.tgz."
-  fi
+  local finals=()  # trained here (a final copied in from checkpoints/ carries a .shipped marker: not sent back)
+  for d in "$RUNS"/*/final; do [ -f "$d/model.safetensors" ] && [ ! -f "$d/.shipped" ] && finals+=("$d"); done
+  if [ "${#finals[@]}" -gt 0 ]; then tar czf - "${finals[@]}" | split -b 15M -d -a 2 - "$OUT/qwen_gates.tgz."; fi
   { for f in "$L_"/*.log; do echo "== $f"; grep -v "it/s\]" "$f" | grep -vi "warn" | grep -v "^| \|^$" | tail -2; done
     echo "wall: $(( $(date +%s) - start )) s"; } >"$OUT/qwen_logs.txt"
 }
@@ -69,6 +75,12 @@ train() {  # log recipe config output_dir [overrides...]: skipped when output_di
   local rc=$?; echo "$log: exit $rc after $(( $(date +%s) - s )) s" >>"$L_/$log.log"; return $rc
 }
 
+trained_present() {  # TM: the trained methods whose final exists, TC: their --checkpoint options
+  TM=(); TC=()
+  for spec in "attention_gate=$AG" "retaining_head=$RH" "layer_budget=$LB"; do
+    if [ -f "${spec#*=}/model.safetensors" ]; then TM+=("${spec%%=*}"); TC+=(--checkpoint "$spec"); fi
+  done
+}
 throttle() {  # wait while MAX_EVAL evaluation processes run (each holds the fp32 model and its activations)
   sleep 2  # the one launched last has started its process
   while [ "$(pgrep -fc '^timeout [0-9]+ python -m trainkv eval')" -ge "${MAX_EVAL:-8}" ]; do sleep 5; done
@@ -113,19 +125,22 @@ case $phase in
   claims)
     ev kl_free --output "$R/kl" --kl-only --methods full "${TF_METHODS[@]}" --keep 1/8 --context-lengths "${CLAIM[0]}" &
     pipeline
-    ev kl_trained --output "$R/kl" --kl-only --methods attention_gate retaining_head layer_budget "${TRAINED[@]}" \
-      --keep 1/8 --context-lengths "${CLAIM[0]}" &
+    trained_present
+    [ "${#TM[@]}" -gt 0 ] && ev kl_trained --output "$R/kl" --kl-only --methods "${TM[@]}" "${TC[@]}" --keep 1/8 \
+      --context-lengths "${CLAIM[0]}" &
     wait
-    l=$(left); [ "$l" -gt 60 ] && timeout "$l" python benchmarks/runtime_scale.py smollm2 --model "$MODEL" \
+    l=$(left); [ -f "$AG/model.safetensors" ] || { echo "runtime: skipped: no Attention-Gate final" >"$L_/runtime.log"; l=0; }
+    [ "$l" -gt 60 ] && timeout "$l" python benchmarks/runtime_scale.py smollm2 --model "$MODEL" \
       --checkpoint "$AG" --contexts "${LONG[-1]}" --new-tokens 64 --budget $(( ${LONG[-1]} / 8 )) --chunk 1024 \
-      --decode-context "${LONG[-1]}" --name "$OUT/qwen_runtime" >"$L_/runtime.log" 2>&1 ;;
+      --decode-context "${LONG[-1]}" --name "$OUT/qwen_runtime" ${RUNTIME_ARGS:-} >"$L_/runtime.log" 2>&1 ;;
   grid)
-    ev grid_4k --output "$R/test" --methods full "${TF_METHODS[@]}" attention_gate retaining_head layer_budget \
-      "${TRAINED[@]}" --keep 1/4 1/8 1/16 --context-lengths 4096 --batch-size 8 &
+    trained_present
+    ev grid_4k --output "$R/test" --methods full "${TF_METHODS[@]}" "${TM[@]}" "${TC[@]}" --keep 1/4 1/8 1/16 \
+      --context-lengths 4096 --batch-size 8 &
     for L in "${CLAIM[@]}"; do
       keeps=(1/4 1/16); [ "$L" = "${LONG[-1]}" ] && keeps+=(1/32)
-      ev "grid_$L" --output "$R/test" --methods full "${TF_METHODS[@]}" attention_gate retaining_head layer_budget \
-        "${TRAINED[@]}" --keep "${keeps[@]}" --context-lengths "$L" --batch-size 8 &
+      ev "grid_$L" --output "$R/test" --methods full "${TF_METHODS[@]}" "${TM[@]}" "${TC[@]}" --keep "${keeps[@]}" \
+        --context-lengths "$L" --batch-size 8 &
     done
     wait ;;
   *) echo "unknown phase $phase (train, claims, grid)" >&2; exit 2 ;;

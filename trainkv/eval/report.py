@@ -105,6 +105,11 @@ def summarize(task_records: Iterable[dict], quality_records: Iterable[dict] = ()
             meta = {k: cfg.get(k) for k in ("model", "tasks", "samples_per_task", "seed", "split", "dtype",
                                             "chunk_size", "chunking")}
             meta.update(eval_split=record_split(rec), seeds=list(run_seeds(rec)))
+        for key in ("model", "dtype"):  # one table compares like with like
+            if cfg.get(key) != meta.get(key):
+                raise ValueError(f"{rec.get('_path', 'a run record')} has {key} {cfg.get(key)!r}, the other runs "
+                                 f"{meta.get(key)!r}: one results folder holds one {key}; give runs of another "
+                                 f"{key} their own --output folder")
         meta.setdefault("devices", set()).add(rec.get("device"))  # type: ignore[union-attr]
         meta.setdefault("_samples", set()).add(cfg.get("samples_per_task"))  # type: ignore[union-attr]
         if cfg["method"]["method"] == FULL or cfg["budget"].get("label") == FULL:
