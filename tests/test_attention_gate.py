@@ -270,3 +270,128 @@ def test_gate_parameter_count_is_small():
     gate = sum(p.numel() for p in trainkv.method_modules(model)[0].parameters())
     hidden, heads = 64, 2
     assert gate == hidden * 3 * 2 * 16 + 2 * 16 * heads + heads + hidden * heads
+
+
+def test_gated_chunk_attention_never_runs_on_cudnn_attention(monkeypatch):
+    """Issue 18's NaN at step 13 of the Qwen2.5-Coder-0.5B recipe: on H100/H200 the gated attention's masked bf16 SDPA
+    went to cuDNN attention, whose backward returns NaN query gradients for key lengths of 64 mod 128 when a row's
+    logsumexp is below -88.7 (pytorch/pytorch#196678). Every SDPA of the training attention runs with cuDNN attention
+    off (the backward kernel is the one chosen in the forward), the other backends as the caller left them, and
+    the caller's settings come back afterwards."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = torch.backends.cuda
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append((cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                     cuda.math_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    model = attached()
+    model.train()
+    ids = torch.randint(0, 128, (1, 3 * CHUNK + 5))
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+              cuda.math_sdp_enabled())
+    assert before[0], "cuDNN attention is on by default: the test needs it on to see it turned off"
+    with monkeypatch.context() as m:
+        m.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+        loss, _ = AttentionGate.training_loss(model, {"input_ids": ids}, 0.5)
+        loss.backward()
+    # the teacher's forward (no gradient, plain SDPA): one call per layer; then the student's: per layer, the gate's
+    # own sliding-window attention and the 4 chunks of the gated attention
+    assert seen[:2] == [before] * 2
+    assert seen[2:] == [(False, True, True, True)] * (2 * (1 + 4))
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            cuda.math_sdp_enabled()) == before
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+    seen.clear()  # backends the caller turned off stay off
+    q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    with monkeypatch.context() as m, sdpa_kernel([SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]):
+        m.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+        gated_chunk_attention(q, k, v, torch.zeros(1, 2, 40), 0.25, chunk=16, sinks=2, window=8)
+    assert seen == [(False, False, False, True)] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN attention bug needs a CUDA device (H100/H200)")
+def test_gated_chunk_attention_gradients_finite_at_64_mod_128_keys_with_very_negative_logits():
+    """The failing case itself on a GPU: 704 keys (64 mod 128) and every logit ~ -120, so every row's logsumexp is
+    below -88.7; with cuDNN attention (torch 2.11+, H100/H200) the query gradient was NaN."""
+    import math
+
+    torch.manual_seed(0)
+    n, d = 704, 64
+    q = torch.randn(1, 2, n, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    k = torch.randn(1, 1, n, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    v = torch.randn(1, 1, n, d, device="cuda", dtype=torch.bfloat16)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(d)
+    log_gate = torch.full((1, 1, n), -0.01, device="cuda", requires_grad=True)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out = gated_chunk_attention(q, k, v, log_gate, d**-0.5, chunk=1024, sinks=4, window=64)
+    out.backward(torch.randn_like(out))
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        assert bool(torch.isfinite(x.grad).all()), f"non-finite gradient of {name}"
+
+
+def _full_logits_distillation_loss(model, mods, batch, loss, kl_reduction):
+    """The loss from the whole sequence's logits (distillation_loss before it kept only the loss positions)."""
+    from trainkv.methods.attention_gate import reduce_kl
+
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    try:
+        for m in mods:
+            m.soft_eviction = False
+        with torch.no_grad():
+            teacher = model(**inputs).logits.float()
+        for m in mods:
+            m.soft_eviction = True
+        student = model(**inputs).logits.float()
+    finally:
+        for m in mods:
+            m.soft_eviction = False
+    mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False) & batch["attention_mask"].bool()
+    total = student.new_zeros(())
+    if "kl" in loss:
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+        total = total + reduce_kl(kl, mask, kl_reduction)
+    if "lm" in loss:
+        total = total + F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return total
+
+
+@pytest.mark.parametrize("loss,reduction", [("kl", "token"), ("kl", "row"), ("lm", "token"), ("kl+lm", "row")])
+def test_logits_only_at_loss_positions_give_the_full_logits_loss_and_gradients(loss, reduction):
+    """distillation_loss computes the logits only where a label is predicted (the union over the rows): same loss
+    and gate gradients as from every position's logits (fp32), with padding and answers at different places."""
+    from trainkv.methods.attention_gate import distillation_loss
+
+    model = attached()
+    randomize_gates(model, scale=0.3)
+    model.train()
+    mods = trainkv.method_modules(model)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (2, 80))
+    attention_mask = torch.ones(2, 80, dtype=torch.long)
+    attention_mask[1, 70:] = 0
+    labels = torch.full((2, 80), -100)
+    labels[0, 60:75] = ids[0, 60:75]
+    labels[1, 50:70] = ids[1, 50:70]
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    ref = _full_logits_distillation_loss(model, mods, batch, loss, reduction)
+    ref_grads = torch.autograd.grad(ref, params)
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape)))
+    new, logs = distillation_loss(model, mods, batch, loss, reduction)
+    hook.remove()
+    new_grads = torch.autograd.grad(new, params)
+    assert set(shapes) == {(2, 74 - 49, 128)}  # positions 49..73 predict a label in some row
+    assert ref.item() > 1e-4, "the gates must change the logits for this test to mean anything"
+    assert abs(new.item() - ref.item()) <= 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(new_grads, ref_grads)) <= 1e-6
+    assert set(logs) == {"kl", "lm"} & set(loss.split("+"))

@@ -301,6 +301,32 @@ def test_non_finite_loss_and_gradients_stop_the_run_with_the_weights_finite(tmp_
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("clip", ["norm", "value"])
+def test_non_finite_gradient_error_names_the_parameter_it_came_from(tmp_path, monkeypatch, clip):
+    """A NaN in one gate's gradient is reported on that gate: the check looks at the gradients before clipping,
+    since clipping by a NaN norm turns every gradient into NaN (issue 18's step 13 named 96 parameters, layer 0's
+    first, whatever layer the NaN came from) and clipping by value turns an inf into a finite number."""
+    from trainkv import method_modules
+    from trainkv.training import train
+
+    original = TinyGate.training_loss.__func__
+    calls = {"n": 0}
+    bad_value = float("nan") if clip == "norm" else float("inf")
+
+    def bad_grad(cls, model_, batch, progress):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            method_modules(model_)[1].proj.weight.register_hook(lambda g: g * bad_value)
+        return original(cls, model_, batch, progress)
+
+    monkeypatch.setattr(TinyGate, "training_loss", classmethod(bad_grad))
+    model = tiny_model()
+    with pytest.raises(FloatingPointError, match=r"step 3: non-finite gradients \(norm (nan|inf|None)\) in 1 parameters, "
+                                                 r"first \['model\.layers\.1\..*proj\.weight'\]; the weights were not"):
+        train(base_cfg(tmp_path, max_steps=6, clip_grad=clip, clip_value=1.0), model=model)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_atomic_write_leaves_no_checkpoint_when_interrupted(tmp_path, monkeypatch):
     from trainkv.training import checkpoint as ck
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import EvictionMethod, MethodConfig, ScoreContext, method_modules
 from .gate_runtime import gate_scores, run_gate
@@ -110,7 +111,8 @@ class AttentionGate(EvictionMethod):
         valid = torch.ones((b, w + t), dtype=torch.bool, device=hidden.device)
         valid[:, :w] = False
         mask = window_mask(t, w, valid, hidden.device, hidden.dtype)
-        return self._scores(hidden, self.empty_ring(b, hidden), mask)[0]
+        with sdpa_kernel(sdpa_backends_without_cudnn()):  # trained through: not on cuDNN (see gated_chunk_attention)
+            return self._scores(hidden, self.empty_ring(b, hidden), mask)[0]
 
     # --- runtime --------------------------------------------------------------------------------
     def new_token_scores(self, ctx: ScoreContext) -> torch.Tensor:
@@ -191,9 +193,19 @@ def distillation_loss(model, mods: list, batch: dict, loss: str = "kl", kl_reduc
 
     ``loss``: "kl" (KL(teacher || student) on the positions that predict a label, see `reduce_kl`), "lm" (cross
     entropy on the labels) or "kl+lm". The teacher is the same forward with eviction off, under no_grad.
+
+    With labels, the logits are computed only at the positions that predict one (transformers' ``logits_to_keep``
+    with the positions; the union over the rows): the same loss and gradients as from the whole sequence's logits,
+    without the ``[B, T, vocab]`` fp32 tensors (5 GB each for 8K tokens of a 152K vocabulary).
     """
     labels = batch.get("labels")
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    targets = keep = None
+    if labels is not None:
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts label t+1
+        keep = (targets != -100).any(0).nonzero().flatten()  # [n] positions that predict a label in some row
+        inputs["logits_to_keep"] = keep
+        targets = targets[:, keep]
     teacher = None
     try:
         if "kl" in loss:
@@ -208,10 +220,11 @@ def distillation_loss(model, mods: list, batch: dict, loss: str = "kl", kl_reduc
         for m in mods:
             m.soft_eviction = False
     mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
-    if labels is not None:
-        mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # position t predicts label t+1
+    if targets is not None:
+        mask = targets != -100
     if "attention_mask" in batch:
-        mask = mask & batch["attention_mask"].bool()
+        real = batch["attention_mask"].bool()
+        mask = mask & (real[:, keep] if keep is not None else real)
     logs: dict[str, float] = {}
     total = student.new_zeros(())
     if teacher is not None:
@@ -220,7 +233,7 @@ def distillation_loss(model, mods: list, batch: dict, loss: str = "kl", kl_reduc
         total = total + kl
         logs["kl"] = kl.item()
     if "lm" in loss and labels is not None:
-        lm = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        lm = F.cross_entropy(student.flatten(0, 1), targets.flatten(), ignore_index=-100)
         total = total + lm
         logs["lm"] = lm.item()
     return total, logs
@@ -263,6 +276,13 @@ def gated_chunk_attention(query, key, value, log_gate, scaling, chunk: int, sink
     key channel (``scale * [q, 1] . [k, b / scale]``), so any SDPA backend computes it and gradients
     reach the gates through the keys. Shapes: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``,
     log_gate ``[B, Hkv, T]``; returns ``[B, Hq, T, D]``.
+
+    Never through cuDNN attention (`sdpa_backends_without_cudnn`), the default backend for masked bf16 SDPA on
+    H100/H200 since torch 2.11, whose backward returns NaN query gradients when the key length is 64 mod 128 and
+    some query row's logsumexp is below -ln(FLT_MAX) = -88.7 (pytorch/pytorch#196678). Qwen2.5 has such rows (heads
+    that attend to almost nothing: layers 0, 4 and 8 of Qwen2.5-Coder-0.5B, down to -684, measured on CPU), and the
+    last chunk has 64 mod 128 keys whenever the sequence has: step 13 of that model's recipe (an 8,000-token sample)
+    got NaN gradients on an H200 (the fix is not yet confirmed there; docs/notes/issue18_qwen.md).
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
@@ -277,17 +297,30 @@ def gated_chunk_attention(query, key, value, log_gate, scaling, chunk: int, sink
     v_aug = torch.cat([v_rep, v_rep.new_zeros(b, hq, t, pad)], dim=-1)
     outs = []
     positions = torch.arange(t, device=query.device)
-    for s in range(0, t, chunk):
-        e = min(t, s + chunk)
-        gated = (positions[:e] >= sinks) & (positions[:e] < s - window)  # evictable when chunk [s, e) runs
-        bias = torch.where(gated, lg[..., :e], torch.zeros_like(lg[..., :e])) / scale
-        k_aug = torch.cat([k_rep[:, :, :e], bias[..., None], k_rep.new_zeros(b, hq, e, pad - 1)], dim=-1)
-        mask = torch.ones((e - s, e), dtype=torch.bool, device=query.device).tril(diagonal=s)
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = mask & attention_mask[:, :, s:e, :e].bool()
-        out = F.scaled_dot_product_attention(q_aug[:, :, s:e], k_aug, v_aug[:, :, :e], attn_mask=mask, scale=scale)
-        outs.append(out[..., :d])
+    with sdpa_kernel(sdpa_backends_without_cudnn()):
+        for s in range(0, t, chunk):
+            e = min(t, s + chunk)
+            gated = (positions[:e] >= sinks) & (positions[:e] < s - window)  # evictable when chunk [s, e) runs
+            bias = torch.where(gated, lg[..., :e], torch.zeros_like(lg[..., :e])) / scale
+            k_aug = torch.cat([k_rep[:, :, :e], bias[..., None], k_rep.new_zeros(b, hq, e, pad - 1)], dim=-1)
+            mask = torch.ones((e - s, e), dtype=torch.bool, device=query.device).tril(diagonal=s)
+            if attention_mask is not None and attention_mask.dim() == 4:
+                mask = mask & attention_mask[:, :, s:e, :e].bool()
+            out = F.scaled_dot_product_attention(q_aug[:, :, s:e], k_aug, v_aug[:, :, :e], attn_mask=mask, scale=scale)
+            outs.append(out[..., :d])
     return torch.cat(outs, dim=2)
 
 
-__all__ = ["AttentionGate", "AttentionGateConfig", "gated_chunk_attention", "keep_fraction", "target_keep", "window_attention"]
+def sdpa_backends_without_cudnn() -> list[SDPBackend]:
+    """The SDPA backends enabled now, less cuDNN attention (see `gated_chunk_attention`): flash, memory-efficient
+    and math as the user left them (the math fallback if none of them is on). The backend is chosen in the forward
+    and its backward kernel recorded with it, so this holds for the backward too. CPU kernels are unaffected."""
+    cuda = torch.backends.cuda
+    enabled = [(SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+               (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+               (SDPBackend.MATH, cuda.math_sdp_enabled())]
+    return [backend for backend, on in enabled if on] or [SDPBackend.MATH]
+
+
+__all__ = ["AttentionGate", "AttentionGateConfig", "gated_chunk_attention", "keep_fraction", "sdpa_backends_without_cudnn",
+           "target_keep", "window_attention"]

@@ -360,27 +360,36 @@ class Run:
         grad_norm = None
         if self.ddp:
             all_reduce_grads(params, accelerator.num_processes)
+        # which gradients are finite, taken before clipping (read only on a non-finite norm): clipping by a NaN norm
+        # multiplies every gradient by NaN, and clipping by value turns an inf into a finite number
+        names, finite = ([], None) if self.deepspeed else self._finite_flags()
         if self.deepspeed or cfg.clip_grad == "norm":  # DeepSpeed clipped inside backward; this reads the norm
             norm = accelerator.clip_grad_norm_(params, cfg.clip_value)
             grad_norm = float(norm) if norm is not None else None
         elif cfg.clip_grad == "value":
             accelerator.clip_grad_value_(params, cfg.clip_value)
-        if not self.deepspeed and not self._finite(params, grad_norm):  # (DeepSpeed handles overflow itself)
+        if not self.deepspeed and not self._finite(finite, grad_norm):  # (DeepSpeed handles overflow itself)
             # checked before the update, so the weights (and the next checkpoint) stay finite
-            bad = [n for n, p in self.named if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
             raise FloatingPointError(f"step {self.step + 1}: non-finite gradients (norm {grad_norm}) in {len(bad)} "
                                      f"parameters, first {bad[:3]}; the weights were not updated. {self._nonfinite_hint()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def _finite_flags(self) -> tuple[list[str], torch.Tensor | None]:
+        """The names of the parameters that have a gradient and, on the device (no host read), whether each is finite."""
+        named = [(n, p.grad) for n, p in self.named if p.grad is not None]
+        if not named:
+            return [], None
+        return [n for n, _ in named], torch.stack([torch.isfinite(g).all() for _, g in named])
+
     @staticmethod
-    def _finite(params: list, grad_norm: float | None) -> bool:
+    def _finite(finite: torch.Tensor | None, grad_norm: float | None) -> bool:
         """Whether every gradient is finite (from the clipped norm when it was measured, else one device read)."""
         if grad_norm is not None:
             return math.isfinite(grad_norm)
-        grads = [p.grad for p in params if p.grad is not None]
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return finite is None or bool(finite.all())
 
     def _nonfinite_hint(self) -> str:
         last = self.last_checkpoint
