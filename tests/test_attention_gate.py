@@ -338,21 +338,11 @@ def test_gated_chunk_attention_gradients_finite_at_64_mod_128_keys_with_very_neg
 
 def _full_logits_distillation_loss(model, mods, batch, loss, kl_reduction):
     """The loss from the whole sequence's logits (distillation_loss before it kept only the loss positions)."""
-    from trainkv.methods.attention_gate import reduce_kl
+    from trainkv.methods.attention_gate import reduce_kl, teacher_student_logits
 
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    try:
-        for m in mods:
-            m.soft_eviction = False
-        with torch.no_grad():
-            teacher = model(**inputs).logits.float()
-        for m in mods:
-            m.soft_eviction = True
-        student = model(**inputs).logits.float()
-    finally:
-        for m in mods:
-            m.soft_eviction = False
+    teacher, student = teacher_student_logits(model, mods, inputs)
     mask = F.pad(labels[:, 1:] != -100, (0, 1), value=False) & batch["attention_mask"].bool()
     total = student.new_zeros(())
     if "kl" in loss:

@@ -206,19 +206,7 @@ def distillation_loss(model, mods: list, batch: dict, loss: str = "kl", kl_reduc
         keep = (targets != -100).any(0).nonzero().flatten()  # [n] positions that predict a label in some row
         inputs["logits_to_keep"] = keep
         targets = targets[:, keep]
-    teacher = None
-    try:
-        if "kl" in loss:
-            for m in mods:
-                m.soft_eviction = False
-            with torch.no_grad():
-                teacher = model(**inputs).logits.float()
-        for m in mods:
-            m.soft_eviction = True
-        student = model(**inputs).logits.float()
-    finally:
-        for m in mods:
-            m.soft_eviction = False
+    teacher, student = teacher_student_logits(model, mods, inputs, teacher="kl" in loss)
     mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
     if targets is not None:
         mask = targets != -100
@@ -237,6 +225,26 @@ def distillation_loss(model, mods: list, batch: dict, loss: str = "kl", kl_reduc
         total = total + lm
         logs["lm"] = lm.item()
     return total, logs
+
+
+def teacher_student_logits(model, mods: list, inputs: dict, teacher: bool = True
+                           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """fp32 logits of ``model(**inputs)`` without soft eviction (the teacher, no grad; None unless ``teacher``) and
+    with it (the student); soft eviction is off again afterwards, also on an error."""
+    teacher_logits = None
+    try:
+        if teacher:
+            for m in mods:
+                m.soft_eviction = False
+            with torch.no_grad():
+                teacher_logits = model(**inputs).logits.float()
+        for m in mods:
+            m.soft_eviction = True
+        student = model(**inputs).logits.float()
+    finally:
+        for m in mods:
+            m.soft_eviction = False
+    return teacher_logits, student
 
 
 def reduce_kl(kl: torch.Tensor, mask: torch.Tensor, reduction: str = "token") -> torch.Tensor:
