@@ -308,6 +308,50 @@ def test_resume_skips_finished_runs(sweep_dir, tok, model, monkeypatch):
         Sweep(_config(sweep_dir, max_new_tokens=7), model=model, tokenizer=tok).run()
 
 
+def test_a_killed_cell_resumes_from_its_finished_batches(tok, model, tmp_path, monkeypatch):
+    """A cell killed after its first batch keeps that batch in `<run>.json.partial` (never read as a run); the next
+    sweep computes only the other samples, and the record equals an uninterrupted run's, sample for sample."""
+    import trainkv.eval.runner as runner
+
+    whole = tmp_path / "whole"
+    Sweep(_config(whole, methods=["snapkv"], keep=[0.25], samples=2), model=model, tokenizer=tok).run()
+    ref = json.loads(next((whole / "runs").glob("*.json")).read_text())
+
+    out = tmp_path / "killed"
+    real, calls = runner.run_batch, []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        Sweep(_config(out, methods=["snapkv"], keep=[0.25], samples=2), model=model, tokenizer=tok).run()
+    assert not list((out / "runs").glob("*.json"))
+    partial = next((out / "runs").glob("*.json.partial"))
+    assert len(json.loads(partial.read_text())["results"]) == 2
+
+    calls.clear()
+    monkeypatch.setattr(runner, "run_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    Sweep(_config(out, methods=["snapkv"], keep=[0.25], samples=2), model=model, tokenizer=tok).run()
+    assert calls == [2]  # 4 samples in batches of 2: only the second batch is computed again
+    rec = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert not list((out / "runs").glob("*.partial"))
+    assert rec["timing"]["resumed_samples"] == 2 and ref["timing"]["resumed_samples"] == 0
+    keys = ("task", "index", "prediction", "score", "kept_mean")
+    assert [{k: r[k] for k in keys} for r in rec["results"]] == [{k: r[k] for k in keys} for r in ref["results"]]
+
+    # a partial file from other settings is not used
+    write_json = runner.write_json
+    write_json(partial, {"config": {**rec["config"], "seed": 99}, "results": {"0": rec["results"][0]}})
+    sweep = Sweep(_config(out, methods=["snapkv"], keep=[0.25], samples=2), model=model, tokenizer=tok)
+    assert sweep.load_partial(partial, rec["config"]) == {}
+    write_json(partial, {"config": rec["config"], "results": {"0": rec["results"][0]}})
+    assert sweep.load_partial(partial, rec["config"]) == {0: rec["results"][0]}
+
+
 def test_checkpoint_methods_load_through_hub(tok, model, tmp_path, monkeypatch):
     import trainkv.hub
 

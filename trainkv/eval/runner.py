@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -190,15 +190,20 @@ def score_sample(sample: Sample, prediction: str) -> float:
 def evaluate_samples(
     model, tokenizer, samples: Sequence[Sample], *, eviction: dict[str, Any] | None, chunk_size: int | None,
     batch_size: int = 1, max_new_tokens: int | None = None, chat: bool = True, progress=None,
+    done: dict[int, dict[str, Any]] | None = None, on_batch: Callable[[dict[int, dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-sample results of one run (in the order of ``samples``).
 
     Samples are sorted by context length into batches of ``batch_size`` (less padding); ``progress``
-    (a tqdm bar) is advanced per sample.
+    (a tqdm bar) is advanced per sample. ``done``: results already computed (by sample position; a resumed run),
+    which are kept and not recomputed; ``on_batch`` gets every result so far after each batch (to save them).
     """
     prompts = [build_prompt(s, tokenizer, chat=chat, max_new_tokens=max_new_tokens) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: (prompts[i].context_tokens, i))
-    results: list[dict[str, Any] | None] = [None] * len(samples)
+    finished = dict(done or {})
+    order = sorted((i for i in range(len(samples)) if i not in finished), key=lambda i: (prompts[i].context_tokens, i))
+    results: list[dict[str, Any] | None] = [finished.get(i) for i in range(len(samples))]
+    if progress is not None and finished:
+        progress.update(len(finished))
     for k in range(0, len(order), max(1, batch_size)):
         idx = order[k:k + max(1, batch_size)]
         t0 = time.perf_counter()
@@ -224,6 +229,9 @@ def evaluate_samples(
                 "seconds": round(per_sample, 4),
                 "batch": len(idx),
             }
+            finished[i] = results[i]  # type: ignore[assignment]
+        if on_batch is not None:
+            on_batch(finished)
         if progress is not None:
             progress.update(len(idx))
     return results  # type: ignore[return-value]
@@ -457,11 +465,29 @@ class Sweep:
             )
         return True
 
-    def run_one(self, spec: MethodSpec, model, context_length: int, budget, progress=None) -> dict[str, Any]:
+    def load_partial(self, partial: Path | None, config: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """The samples a killed run of the same cell finished (its ``.partial`` file), if run with these settings."""
+        if partial is None or self.config.overwrite or not partial.exists():
+            return {}
+        try:
+            saved = json.loads(partial.read_text())
+            old, results = _with_split_fields(saved["config"]), {int(i): r for i, r in saved["results"].items()}
+        except (ValueError, KeyError, AttributeError):
+            return {}  # unreadable: start the cell again
+        if any(old.get(k) != config.get(k) for k in (*RESUME_KEYS, "samples_digest")):
+            return {}  # another cell's settings: its samples are not this one's
+        return results
+
+    def run_one(self, spec: MethodSpec, model, context_length: int, budget, progress=None,
+                partial: Path | None = None) -> dict[str, Any]:
+        """One cell's run record; with ``partial`` (a path), the samples finished so far are saved there after every
+        batch and a killed run of the same cell resumes from them."""
         samples = self.samples(context_length)
         config = self.run_config(spec, context_length, budget, samples)
         config["method_config"] = self.method_config(model)
         eviction = config["eviction"]
+        done = self.load_partial(partial, config)
+        save = None if partial is None else (lambda finished: write_json(partial, {"config": config, "results": finished}))
         cuda = torch.device(self.config.device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -469,10 +495,10 @@ class Sweep:
         results = evaluate_samples(
             model, self.tokenizer, samples, eviction=eviction, chunk_size=self.config.chunk_size,
             batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens, chat=self.config.chat,
-            progress=progress,
+            progress=progress, done=done, on_batch=save,
         )
         seconds = time.perf_counter() - t0
-        record = make_run_record(config, results, self.tokenizer, self.config.device, seconds)
+        record = make_run_record(config, results, self.tokenizer, self.config.device, seconds, resumed=len(done))
         if cuda:
             record["timing"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return record
@@ -510,8 +536,10 @@ class Sweep:
                 try:
                     for _, length, budget, path in items:
                         bar.set_postfix_str(f"{spec.label} L={length} {budget_label(budget)}")
-                        record = self.run_one(spec, model, length, budget, progress=bar)
+                        partial = path.with_name(path.name + ".partial")
+                        record = self.run_one(spec, model, length, budget, progress=bar, partial=partial)
                         write_json(path, record)
+                        partial.unlink(missing_ok=True)
                         written.append(path)
                         bar.write(f"{spec.label:>24} L={length:<6} {budget_label(budget):>8}: score "
                                   f"{record['aggregate']['score']:6.2f}  compression "
@@ -536,8 +564,10 @@ class Sweep:
             detach(model)
 
 
-def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], tokenizer, device, seconds: float) -> dict:
-    """The JSON of one run: config, per-sample results, aggregates, provenance."""
+def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], tokenizer, device, seconds: float,
+                    resumed: int = 0) -> dict:
+    """The JSON of one run: config, per-sample results, aggregates, provenance. ``resumed``: how many of the results
+    an earlier, killed process of the same cell computed (``seconds`` is this process's time for the others)."""
     return {
         "schema": SCHEMA,
         "kind": "tasks",
@@ -550,8 +580,9 @@ def make_run_record(config: dict[str, Any], results: list[dict[str, Any]], token
         "device": device_name(device),
         "date": now(),
         "aggregate": aggregate(results),
-        "timing": {"seconds": round(seconds, 3), "seconds_per_sample": round(seconds / max(1, len(results)), 4),
-                   "samples": len(results)},
+        "timing": {"seconds": round(seconds, 3),
+                   "seconds_per_sample": round(seconds / max(1, len(results) - resumed), 4),
+                   "samples": len(results), "resumed_samples": resumed},
         "results": results,
     }
 
