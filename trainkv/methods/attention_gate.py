@@ -288,7 +288,7 @@ def gated_chunk_attention(query, key, value, log_gate, scaling, chunk: int, sink
     Never through cuDNN attention (`sdpa_backends_without_cudnn`), the default backend for masked bf16 SDPA on
     H100/H200 since torch 2.11, whose backward returns NaN query gradients when the key length is 64 mod 128 and
     some query row's logsumexp is below -ln(FLT_MAX) = -88.7 (pytorch/pytorch#196678). Qwen2.5 has such rows (heads
-    that attend to almost nothing: layers 0, 4 and 8 of Qwen2.5-Coder-0.5B, down to -684, measured on CPU), and the
+    that attend to almost nothing: in layers 0, 4 and 8 of Qwen2.5-Coder-0.5B, as low as -304, measured on CPU), and the
     last chunk has 64 mod 128 keys whenever the sequence has: step 13 of that model's recipe (an 8,000-token sample)
     got NaN gradients on an H200 (the fix is not yet confirmed there; docs/notes/issue18_qwen.md).
     """
