@@ -201,7 +201,6 @@ def evaluate_samples(
     prompts = [build_prompt(s, tokenizer, chat=chat, max_new_tokens=max_new_tokens) for s in samples]
     finished = dict(done or {})
     order = sorted((i for i in range(len(samples)) if i not in finished), key=lambda i: (prompts[i].context_tokens, i))
-    results: list[dict[str, Any] | None] = [finished.get(i) for i in range(len(samples))]
     if progress is not None and finished:
         progress.update(len(finished))
     for k in range(0, len(order), max(1, batch_size)):
@@ -212,7 +211,7 @@ def evaluate_samples(
         per_sample = (time.perf_counter() - t0) / len(idx)
         for i, o in zip(idx, outs):
             s, p = samples[i], prompts[i]
-            results[i] = {
+            finished[i] = {
                 "task": s.task,
                 "index": s.metadata.get("index"),
                 "seed": s.seed,
@@ -229,12 +228,11 @@ def evaluate_samples(
                 "seconds": round(per_sample, 4),
                 "batch": len(idx),
             }
-            finished[i] = results[i]  # type: ignore[assignment]
         if on_batch is not None:
             on_batch(finished)
         if progress is not None:
             progress.update(len(idx))
-    return results  # type: ignore[return-value]
+    return [finished[i] for i in range(len(samples))]
 
 
 def _sync(model) -> None:
@@ -317,6 +315,11 @@ class SweepConfig:
 #: not change results: batched == unbatched).
 RESUME_KEYS = ("model", "method", "budget", "context_length", "tasks", "samples_per_task", "seed", "seeds", "split",
                "eval_split", "eviction", "chunk_size", "chunking", "dtype", "max_new_tokens", "prompt", "samples_digest")
+
+
+def _differing(old: dict[str, Any], config: dict[str, Any], extra: tuple[str, ...] = ()) -> list[str]:
+    """The settings (`RESUME_KEYS` + ``extra``) in which a saved run's config differs from this cell's."""
+    return [k for k in (*RESUME_KEYS, *extra) if old.get(k) != config.get(k)]
 
 
 def _with_split_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -457,7 +460,7 @@ class Sweep:
             old = _with_split_fields(json.loads(path.read_text())["config"])
         except (ValueError, KeyError):
             return False  # unreadable: redo
-        differ = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        differ = _differing(old, config)
         if differ:
             raise RuntimeError(
                 f"{path} exists but was run with other settings ({', '.join(differ)}); use another --output "
@@ -474,7 +477,7 @@ class Sweep:
             old, results = _with_split_fields(saved["config"]), {int(i): r for i, r in saved["results"].items()}
         except (ValueError, KeyError, AttributeError):
             return {}  # unreadable: start the cell again
-        if any(old.get(k) != config.get(k) for k in (*RESUME_KEYS, "samples_digest")):
+        if _differing(old, config, extra=("samples_digest",)):
             return {}  # another cell's settings: its samples are not this one's
         return results
 
