@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,13 +267,22 @@ def run_launcher(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complet
     """`subprocess.run` for a launcher (torchrun, accelerate launch) whose workers are grandchildren in sessions of
     their own: on timeout the launcher and every process below it are killed, so no worker outlives the test
     (a plain ``run`` kills only the launcher, and a worker left holding the output pipes would block reading
-    them), and the test fails with the tail of the output instead of a bare TimeoutExpired."""
+    them), and the test fails with the tail of the output instead of a bare TimeoutExpired. Before the kill, the
+    processes below the launcher get SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER=1 here) prints every
+    thread's stack: a hung worker (test_torchrun_two_cpu_processes_agree hangs now and then, cause unknown) shows
+    where it waits in the failure message."""
+    env = {**kwargs.pop("env", os.environ), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
+                            env=env, **kwargs)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        workers = _descendants(proc.pid)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(3)  # the stacks reach the pipes
+        for pid in [*workers, *_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         try:
@@ -280,5 +290,5 @@ def run_launcher(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complet
         except subprocess.TimeoutExpired:
             out, err = "", "(output unreadable: a process still holds the pipes)"
         raise AssertionError(f"{cmd[2:4]} ran past {timeout:.0f} s; it and its workers were killed.\n"
-                             f"{out[-2000:]}\n{err[-2000:]}") from None
+                             f"{out[-2000:]}\n{err[-12000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

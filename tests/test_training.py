@@ -558,9 +558,10 @@ def test_run_launcher_kills_workers_in_sessions_of_their_own():
     code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(301)'], "
             "start_new_session=True); time.sleep(301)")
     start = time.monotonic()
-    with pytest.raises(AssertionError, match="ran past 2 s"):
+    with pytest.raises(AssertionError, match="ran past 2 s") as failure:
         run_launcher([sys.executable, "-c", code], timeout=2)
     assert time.monotonic() - start < 40
+    assert 'File "<string>", line 1 in <module>' in str(failure.value)  # the hung worker's stack (faulthandler)
     left = subprocess.run(["pgrep", "-f", r"time.sleep\(301\)"], capture_output=True, text=True).stdout.split()
     assert left == []
 
