@@ -423,7 +423,8 @@ class Run:
         self.rows: list[dict] = []
         self.start = time.perf_counter()
         self.bandwidth = measure_bandwidth(self.device)
-        self.floor = {b: linear_floor(model, b) for b in args.batches}
+        # batch 1 always: a batch-1 row's roofline is judged against it even in a batched-only run
+        self.floor = {b: linear_floor(model, b) for b in sorted({1, *args.batches})}
         self.payload = {
             "what": "decode tokens/s through generate after a real chunked prefill, and the roofline of each row "
                     "(module doc of benchmarks/decode_latency.py)",
@@ -669,6 +670,8 @@ def print_commands() -> None:
           "two commands, ~9 min estimated in all (--plan), each bounded by its --time-budget (+ model build):")
     for _, command in GPU_COMMANDS:
         print(f"  PYTHONUNBUFFERED=1 {command}")
+    print("The rows these two left unmeasured (batched 8B at 32K, SmolLM2 batch 1 with same-run baselines) are one "
+          "call of scripts/gpu/decode_latency.sh (docs/notes/issue19_decode.md).")
 
 
 def parse_args(argv=None):

@@ -185,6 +185,36 @@ def test_runtime_allocation_weights_at_any_budget(model):
         assert [layer.nbytes()["kv"] for layer in cache.layers] == layer_bytes(kept, 1, HEAD_DIM, 4)
 
 
+def test_a_layer_share_beyond_the_horizon_goes_to_the_other_layers(model):
+    """Learned weights that give one layer more entries than the sequence has (Qwen's layer budgets: layer 0 weighs
+    0.94 against <= 0.13): with the horizon known (generate, the eval runners), that layer is capped at it and the
+    rest goes to the other layers, so the cache holds the whole budget; without it the excess stays empty."""
+    weights = [[12.0, 12.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    mean, floor, prompt, new = 48, 12, 100, 1
+    cfg = trainkv.EvictionConfig(budget=mean, sink_tokens=4, recent_window=8, allocation_weights=weights)
+    uncapped = [cfg.budget_for(i, KV_HEADS, prompt) for i in range(LAYERS)]
+    assert uncapped[0][0] > prompt + new  # the overflow this test is about
+    capped = [cfg.budget_for(i, KV_HEADS, prompt, horizon=prompt + new) for i in range(LAYERS)]
+    check_allocation(capped, mean, floor)
+    assert capped[0] == [prompt + new] * KV_HEADS and all(capped[i][0] > uncapped[i][0] for i in range(1, LAYERS))
+    assert cfg.budget_for(0, KV_HEADS, prompt, horizon=10) == [mean] * KV_HEADS  # horizon < mean: cap at the mean
+    # the runtime: generate knows the horizon (prompt + max_new_tokens)
+    cache = _prefill(model, random_ids(prompt, seed=3), budget=mean, sink_tokens=4, recent_window=8, chunk_size=32,
+                     allocation_weights=weights)
+    kept = [layer[0] for layer in cache.stats()["kept_per_layer_head"]]
+    assert kept[0] == [prompt] * KV_HEADS and kept[1:] == capped[1:]  # the last new token is never fed back
+    assert sum(map(sum, kept)) == mean * LAYERS * KV_HEADS - new * KV_HEADS  # all but the horizon's slack
+    # a bare cache that does not know the horizon keeps today's behaviour: layer 0 holds every token, the rest of
+    # its share stays empty, the other layers keep their uncapped shares
+    with attached(model, "snapkv", budget=mean, sink_tokens=4, recent_window=8, chunk_size=32,
+                  allocation_weights=weights) as m:
+        bare = m.new_cache()
+        m(input_ids=random_ids(prompt, seed=3), cache=bare)
+    kept = [layer[0] for layer in bare.stats()["kept_per_layer_head"]]
+    assert kept[0] == [prompt] * KV_HEADS and kept[1:] == uncapped[1:]
+    assert sum(map(sum, kept)) < mean * LAYERS * KV_HEADS
+
+
 # --- Ada-KV --------------------------------------------------------------------------------------------
 
 

@@ -160,6 +160,28 @@ def test_kept_entries_and_measured_compression(tok, model, samples, chunk_size):
         assert compression_of(f["kept"], p.context_tokens)["compression"] == 1.0
 
 
+def test_learned_allocation_uses_the_whole_budget_when_a_layer_share_exceeds_the_context(tok, model, samples):
+    """Allocation weights giving layer 0 more than the context (Qwen's learned layer budgets did: 11,071 entries per
+    head at 8K x 1/8): the runner tells the cache its horizon, so layer 0 is capped and layer 1 gets the rest. One
+    prompt at a time: every row's context is the padded width, and the cap leaves only the question and answer
+    tokens' slack."""
+    prompt = build_prompt(samples[0], tok, max_new_tokens=2)
+    budget = keep_entries(0.75, CTX)
+    settings = {**eviction_settings(budget, 64), "allocation_weights": [[30.0, 30.0], [1.0, 1.0]]}
+    attached(model, "streaming_llm")
+    try:
+        [out] = run_batch(model, tok, [prompt], settings, 64)
+    finally:
+        trainkv.detach(model)
+    n = prompt.context_tokens
+    cap = n + len(prompt.question_ids) + prompt.max_new_tokens
+    uncapped = trainkv.EvictionConfig(**settings).budget_for(0, 2, n)
+    assert uncapped[0] > cap > budget  # layer 0's uncapped share would exceed every token the cache sees
+    assert out["kept"][0] == [n, n]  # all its tokens
+    assert out["kept"][1] == [2 * budget - cap] * 2  # the rest of the total: only the horizon's slack is unused
+    assert sum(map(sum, out["kept"])) == 4 * budget - 2 * (cap - n)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the runner: batched == unbatched, and == model.generate continuing the compressed cache
 # ---------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from trainkv.eval.intervals import (
-    beats_claim, cell_interval, keeps_claim, pair, paired_difference, paired_ratio, resample_indices, unpaired_difference,
-    unpaired_ratio,
+    beats_claim, cell_interval, keeps_claim, length_claim, pair, paired_difference, paired_ratio, resample_indices,
+    share_ratio, unpaired_difference, unpaired_ratio,
 )
 
 
@@ -110,3 +110,58 @@ def test_claims_verdicts_and_sentences():
     assert keeps_claim(noisy, full).verdict == "open"  # independent noise around 96%: 90% is inside the interval
     with pytest.raises(ValueError, match="one context length"):
         keeps_claim(run("gate", same["results"], length=1024), full)
+
+
+def test_length_claim_divides_the_two_shares_and_resamples_each_length_on_its_own():
+    rng = random.Random(5)
+    def cell(label, length, p_by_task, keep=0.125):
+        return run(label, results({t: [100.0 if rng.random() < p else 0.0 for _ in range(60)]
+                                   for t, p in p_by_task.items()}, seed=length), length=length, keep=keep)
+    short_full, short = cell("full", 8192, {"a": 0.8, "b": 0.6}, None), cell("gate", 8192, {"a": 0.8, "b": 0.5})
+    long_full, long = cell("full", 32768, {"a": 0.7, "b": 0.5}, None), cell("gate", 32768, {"a": 0.6, "b": 0.3})
+
+    def share(rec, full):
+        return sum(r["score"] for r in rec["results"]) / sum(r["score"] for r in full["results"])
+    claim = length_claim(long, long_full, short, short_full)
+    assert claim.interval.point == pytest.approx(100 * share(long, long_full) / share(short, short_full))
+    assert claim.interval.lo < claim.interval.point < claim.interval.hi and claim.interval.n == 120
+    assert claim.kind == "holds" and claim.cell == "32768 x 1/8" and claim.other == "8192 x 1/8"
+    assert claim.verdict == ("fails" if claim.interval.hi < 85 else "holds" if claim.interval.lo >= 85 else "open")
+    assert claim.sentence().startswith("gate's share of the full cache at 32768 x 1/8 is ")
+    assert "of its share at 8192 x 1/8 (n=120 per length; >= 85%:" in claim.sentence()
+    # the same method at both lengths with identical per-sample outcomes: exactly 100%, whatever the resamples
+    same = length_claim(run("gate", short["results"], length=32768), run("full", short_full["results"], 32768, None),
+                        short, short_full)
+    assert (same.interval.point, same.verdict) == (pytest.approx(100.0), "open" if same.interval.lo < 85 else "holds")
+    # independent draws per length: the interval is wider than that of the long cell's share alone
+    alone = paired_ratio(long["results"], long_full["results"])
+    ratio = share_ratio(long["results"], long_full["results"], short["results"], short_full["results"])
+    assert (ratio.hi - ratio.lo) > (alone.hi - alone.lo) * 100 / (100 * share(short, short_full)) * 0.99
+    with pytest.raises(ValueError, match="one method at two lengths"):
+        length_claim(long, long_full, run("other", short["results"], length=8192), short_full)
+    with pytest.raises(ValueError, match="one context length"):
+        length_claim(long, short_full, short, short_full)
+
+
+def test_the_report_adds_length_claims_for_trained_methods_only():
+    from trainkv.eval.report import markdown, summarize
+
+    rng = random.Random(9)
+    def cell(label, length, p, keep=0.125, checkpoint=None):
+        rec = run(label, results({t: [100.0 if rng.random() < p else 0.0 for _ in range(40)] for t in "ab"},
+                                 seed=length), length=length, keep=keep)
+        rec["config"]["budget"].update(label="full" if keep is None else f"r{keep:g}", keep_ratio=keep)
+        rec["config"]["method"]["checkpoint"] = checkpoint
+        for r in rec["results"]:
+            r["compression"] = keep or 1.0
+        return rec
+    recs = [cell("full", n, 0.7, None) for n in (8192, 16384, 32768)]
+    recs += [cell("gate", n, 0.65, checkpoint="ckpt") for n in (8192, 16384, 32768)]
+    recs += [cell("snapkv", n, 0.2) for n in (8192, 32768)]  # training-free: no length claim
+    summary = summarize(recs)
+    lengths = [c for c in summary["claims"] if c["kind"] == "holds"]
+    assert [(c["method"], c["other"], c["cell"]) for c in lengths] == [
+        ("gate", "8192 x 1/8", "16384 x 1/8"), ("gate", "8192 x 1/8", "32768 x 1/8")]
+    text = markdown(summary)
+    assert "Length generalization" in text and "gate's share of the full cache at 32768 x 1/8 is" in text
+    assert "snapkv's share" not in text

@@ -94,7 +94,8 @@ def trainkv_attention(module, query, key, value, attention_mask, scaling=None, d
         return static_step(module, query, layer, method, hidden_states, scaling)
     config = layer.owner.config
     out = stored_attention(query, layer, scaling)
-    budgets = _budget_tensor(tuple(config.budget_for(layer.layer_idx, layer.keys.shape[1], layer.seen)))
+    budgets = _budget_tensor(tuple(config.budget_for(layer.layer_idx, layer.keys.shape[1], layer.seen,
+                                                     layer.owner.decode_horizon)))
     will_evict = _should_evict(layer, config, budgets)
     if method is not None:
         ctx = ScoreContext(module, layer, hidden_states, query, scaling, will_evict)

@@ -226,13 +226,15 @@ def weighted(weights: Sequence[Sequence[float]], total_per_head: int, floor: int
 
 
 @lru_cache(maxsize=256)
-def _weighted_cached(weights: tuple, total_per_head: int, floor: int) -> tuple:
-    return tuple(tuple(row) for row in weighted(weights, total_per_head, floor))
+def _weighted_cached(weights: tuple, total_per_head: int, floor: int, cap: int | None) -> tuple:
+    return tuple(tuple(row) for row in weighted(weights, total_per_head, floor, cap))
 
 
-def weighted_budgets(weights: Sequence[Sequence[float]], total_per_head: int, floor: int) -> tuple:
+def weighted_budgets(weights: Sequence[Sequence[float]], total_per_head: int, floor: int,
+                     cap: int | None = None) -> tuple:
     """`weighted` with a cache (the runtime asks once per layer and forward)."""
-    return _weighted_cached(tuple(tuple(float(w) for w in row) for row in weights), int(total_per_head), int(floor))
+    return _weighted_cached(tuple(tuple(float(w) for w in row) for row in weights), int(total_per_head), int(floor),
+                            None if cap is None else int(cap))
 
 
 def greedy_counts(gains: Sequence[torch.Tensor], slots: int) -> list[int]:

@@ -96,7 +96,7 @@ class EvictingLayer(CacheLayerMixin):
         if self.slots is None:
             owner = self.owner
             config = owner.config
-            budgets = static_budgets(config, self.layer_idx, self.keys.shape[1])
+            budgets = static_budgets(config, self.layer_idx, self.keys.shape[1], owner.decode_horizon)
             self.slots = SlotState.enter(self, budgets, config.sink_tokens, config.recent_window, owner.track_layout,
                                          compile_step=owner.compile_step, horizon=owner.decode_horizon)
             if self.slots is None:

@@ -95,8 +95,13 @@ class EvictionConfig:
             if not flat or not all(math.isfinite(w) and w >= 0 for w in flat) or sum(flat) <= 0:
                 raise ValueError("allocation_weights must be finite, >= 0 and not all zero")
 
-    def budget_for(self, layer_idx: int, num_kv_heads: int, tokens_seen: int) -> list[int]:
-        """Budget of each KV head of a layer once ``tokens_seen`` tokens were seen."""
+    def budget_for(self, layer_idx: int, num_kv_heads: int, tokens_seen: int, horizon: int | None = None) -> list[int]:
+        """Budget of each KV head of a layer once ``tokens_seen`` tokens were seen.
+
+        ``horizon``: the most tokens the cache will see (prompt + new tokens), when the caller knows it. Learned
+        ``allocation_weights`` then give no head more entries than that (it could never fill them) and hand the
+        rest to the other heads, so the whole budget is used; without it a layer whose share exceeds the context
+        leaves the excess empty."""
         if self.head_budgets is not None:
             row = self.head_budgets[layer_idx]
             if len(row) != num_kv_heads:
@@ -106,7 +111,8 @@ class EvictionConfig:
             return [self.layer_budgets[layer_idx]] * num_kv_heads
         if self.allocation_weights is not None:
             per_head = self.budget if isinstance(self.budget, int) else ratio_entries(self.budget, tokens_seen, self.protected)
-            row = weighted_budgets(self.allocation_weights, per_head, self.protected)[layer_idx]
+            cap = None if horizon is None else max(int(horizon), per_head)  # max: a total the heads can always hold
+            row = weighted_budgets(self.allocation_weights, per_head, self.protected, cap)[layer_idx]
             if len(row) != num_kv_heads:
                 raise ValueError(f"allocation_weights[{layer_idx}] has {len(row)} entries, the model has {num_kv_heads} KV heads")
             return list(row)

@@ -109,7 +109,7 @@ class DecodeOptions:
         return self.compile_step if self.compile_step is not None else self.graphs_enabled(device)
 
 
-def static_budgets(config, layer_idx: int, num_kv_heads: int) -> list[int] | None:
+def static_budgets(config, layer_idx: int, num_kv_heads: int, horizon: int | None = None) -> list[int] | None:
     """Per-head entry counts a layer keeps in static decode: its fixed budgets; under Ada-KV
     (``head_allocation="adaptive"``) the split only when it cannot move (None otherwise).
 
@@ -117,7 +117,7 @@ def static_budgets(config, layer_idx: int, num_kv_heads: int) -> list[int] | Non
     ``ceil(adaptive_floor * T / H)``. When ``H`` safeguards cover ``T`` (and the protected tokens), every head
     keeps exactly its safeguard at every step (`trainkv.budgets.adaptive_head_counts`): a fixed split.
     """
-    budgets = config.budget_for(layer_idx, num_kv_heads, 0)
+    budgets = config.budget_for(layer_idx, num_kv_heads, 0, horizon)
     if config.head_allocation != "adaptive" or num_kv_heads == 1:
         return budgets
     total = sum(budgets)

@@ -189,6 +189,24 @@ def unpaired_ratio(a: Results, b: Results, *, n_resamples: int = N_RESAMPLES, se
     return _unpaired(_ratio, a, b, n_resamples, seed, level)
 
 
+def share_ratio(long: Results, long_full: Results, short: Results, short_full: Results, *,
+                n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> Interval:
+    """``100 * share(long) / share(short)``, each share ``mean(method) / mean(full)`` paired on its own samples.
+
+    The two lengths hold other samples (a sample's key names the same generator inputs, but its context and often
+    its answers depend on the length), so the lengths are resampled independently: one paired index set per
+    length, drawn from its own tasks. ``n`` is the smaller of the two sample counts."""
+    la, lf, lt = pair(long, long_full)
+    sa, sf, st = pair(short, short_full)
+    il = resample_indices(lt, n_resamples, seed)
+    is_ = resample_indices(st, n_resamples, seed + 1)  # independent draws
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = 100 * (la.mean() / lf.mean()) / (sa.mean() / sf.mean())
+        stats = 100 * (la[il].mean(axis=1) / lf[il].mean(axis=1)) / (sa[is_].mean(axis=1) / sf[is_].mean(axis=1))
+    lo, hi = _percentiles(stats[np.isfinite(stats)], level)
+    return Interval(float(point), lo, hi, min(len(la), len(sa)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # claims
 # ---------------------------------------------------------------------------------------------------------
@@ -208,7 +226,8 @@ def cell_name(record: dict[str, Any]) -> str:
 class Claim:
     """One claim about two run files, its paired interval and whether the interval settles it."""
 
-    kind: str  # "keeps" (ratio to a reference, % ) or "beats" (difference, score points)
+    kind: str  # "keeps" (ratio to a reference, %), "beats" (difference, score points) or "holds" (share at a longer
+    # context as % of the share at a shorter one: length generalization; ``other`` is the shorter cell)
     method: str
     other: str
     cell: str
@@ -221,6 +240,9 @@ class Claim:
         if self.kind == "keeps":
             return (f"{self.method} keeps {i.point:.0f}% [{i.lo:.0f}, {i.hi:.0f}] of {self.other} at {self.cell} "
                     f"(n={i.n}; >= {self.threshold:g}%: {self.verdict})")
+        if self.kind == "holds":
+            return (f"{self.method}'s share of the full cache at {self.cell} is {i.point:.0f}% [{i.lo:.0f}, {i.hi:.0f}] "
+                    f"of its share at {self.other} (n={i.n} per length; >= {self.threshold:g}%: {self.verdict})")
         return (f"{self.method} - {self.other} at {self.cell}: {i.point:+.1f} [{i.lo:+.1f}, {i.hi:+.1f}] points "
                 f"(n={i.n}; beats: {self.verdict})")
 
@@ -260,6 +282,23 @@ def keeps_claim(record: dict[str, Any], reference: dict[str, Any], threshold: fl
                  _verdict(interval, threshold, strict=False))
 
 
+#: "a gate trained on short contexts keeps this share of its short-context share at a long one" (issue 18)
+LENGTH_THRESHOLD = 85.0
+
+
+def length_claim(long: dict[str, Any], long_full: dict[str, Any], short: dict[str, Any], short_full: dict[str, Any],
+                 threshold: float = LENGTH_THRESHOLD, **kw) -> Claim:
+    """"``long``'s share of the full cache is >= ``threshold`` % of ``short``'s" (same method, same keep, two context
+    lengths): :func:`share_ratio`."""
+    _same_cell_length(long, long_full)
+    _same_cell_length(short, short_full)
+    if _label(long) != _label(short):
+        raise ValueError(f"a length claim compares one method at two lengths, got {_label(long)} and {_label(short)}")
+    interval = share_ratio(long["results"], long_full["results"], short["results"], short_full["results"], **kw)
+    return Claim("holds", _label(long), cell_name(short), cell_name(long), interval, threshold,
+                 _verdict(interval, threshold, strict=False))
+
+
 def beats_claim(record: dict[str, Any], other: dict[str, Any], margin: float = 0.0, **kw) -> Claim:
     """"``record`` scores higher than ``other``" (by more than ``margin`` points), paired difference."""
     _same_cell_length(record, other)
@@ -269,7 +308,7 @@ def beats_claim(record: dict[str, Any], other: dict[str, Any], margin: float = 0
 
 
 __all__ = [
-    "BOOTSTRAP_SEED", "Claim", "Interval", "KEEP_THRESHOLD", "LEVEL", "N_RESAMPLES", "beats_claim", "cell_interval",
-    "cell_name", "keeps_claim", "pair", "paired_difference", "paired_ratio", "resample_indices", "sample_key",
-    "unpaired_difference", "unpaired_ratio",
+    "BOOTSTRAP_SEED", "Claim", "Interval", "KEEP_THRESHOLD", "LENGTH_THRESHOLD", "LEVEL", "N_RESAMPLES", "beats_claim",
+    "cell_interval", "cell_name", "keeps_claim", "length_claim", "pair", "paired_difference", "paired_ratio",
+    "resample_indices", "sample_key", "share_ratio", "unpaired_difference", "unpaired_ratio",
 ]

@@ -75,6 +75,8 @@ def quality_batch(
 
     full_cache = no_eviction()
     caches = [model.new_cache(ev) if ev is not None else no_eviction() for ev in evictions]
+    for cache in caches:
+        cache.decode_horizon = length  # every token the cache will see (EvictionConfig.budget_for caps by it)
     zeros = lambda: torch.zeros(b, dtype=torch.float64)  # noqa: E731
     sums = [{k: zeros() for k in ("kl_sum", "kl_all_sum", "nll_sum", "nll_full_sum")} for _ in evictions]
     counts = [[0, 0] for _ in evictions]

@@ -22,7 +22,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable
 
-from trainkv.eval.intervals import KEEP_THRESHOLD, beats_claim, cell_interval, keeps_claim, paired_ratio
+from trainkv.eval.intervals import (
+    KEEP_THRESHOLD, LENGTH_THRESHOLD, beats_claim, cell_interval, keeps_claim, length_claim, paired_ratio,
+)
 from trainkv.eval.spec import record_split, run_seeds
 from trainkv.methods import get_method
 
@@ -176,6 +178,24 @@ def _claims(cell_records: dict[tuple[str, str, str], dict], full_records: dict[s
         for (other, olen, oblabel), orec in sorted(cell_records.items()):
             if (olen, oblabel) == (length, blabel) and other != label and not _is_trained(orec):
                 out.append(beats_claim(rec, orec).to_dict())
+    out += _length_claims(cell_records, full_records)
+    return out
+
+
+def _length_claims(cell_records: dict[tuple[str, str, str], dict], full_records: dict[str, dict]) -> list[dict]:
+    """Per trained method and keep with cells at two or more context lengths: its share at every longer length
+    against its share at the shortest (length generalization, >= 85%?)."""
+    out = []
+    by_method: dict[tuple[str, str], dict[int, dict]] = {}
+    for (label, length, blabel), rec in cell_records.items():
+        if _is_trained(rec) and length in full_records:
+            by_method.setdefault((label, blabel), {})[int(length)] = rec
+    for (_, _), cells in sorted(by_method.items()):
+        lengths = sorted(cells)
+        short = lengths[0]
+        for long in lengths[1:]:
+            out.append(length_claim(cells[long], full_records[str(long)], cells[short],
+                                    full_records[str(short)]).to_dict())
     return out
 
 
@@ -294,8 +314,10 @@ def _claims_markdown(summary: dict[str, Any]) -> list[str]:
              "least as much at the lower bound; all of them are in summary.json), holds when the whole interval is "
              "> 0.", ""]
     groups: dict[tuple[str, str], dict[str, list]] = {}
+    lengths = [c for c in claims if c["kind"] == "holds"]
     for c in claims:
-        groups.setdefault((c["method"], c["cell"]), {}).setdefault(c["kind"], []).append(c)
+        if c["kind"] != "holds":
+            groups.setdefault((c["method"], c["cell"]), {}).setdefault(c["kind"], []).append(c)
     for (_, _), kinds in groups.items():
         for c in kinds.get("keeps", []):
             lines.append(f"- {c['sentence']}")
@@ -303,6 +325,11 @@ def _claims_markdown(summary: dict[str, Any]) -> list[str]:
         if beats:
             weakest = min(beats, key=lambda c: (c["interval"]["lo"] if not math.isnan(c["interval"]["lo"]) else -1e9))
             lines.append(f"- {weakest['sentence']} (narrowest of {len(beats)} training-free methods)")
+    if lengths:
+        lines += ["", f"Length generalization: a trained method's share of the full cache at a longer context as a "
+                  f"percentage of its share at the shortest one (the lengths resampled independently), holds when "
+                  f"the whole interval is >= {LENGTH_THRESHOLD:g}%.", ""]
+        lines += [f"- {c['sentence']}" for c in lengths]
     return lines
 
 

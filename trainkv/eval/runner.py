@@ -133,6 +133,10 @@ def run_batch(
         cache.eviction_enabled = False
     b = len(prompts)
     ctx_ids, ctx_mask = _left_pad([p.context_ids for p in prompts], pad_id, device)
+    # the most tokens the cache will see (padded context, question, answer): learned allocation weights give no
+    # head more entries than that (EvictionConfig.budget_for)
+    cache.decode_horizon = (ctx_ids.shape[1] + max((len(p.question_ids) for p in prompts), default=0)
+                            + max((p.max_new_tokens for p in prompts), default=0))
     ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
     for start, end in chunk_bounds(ctx_ids.shape[1], chunk_size):
         model(input_ids=ctx_ids[:, start:end], attention_mask=ctx_mask[:, :end], position_ids=ctx_pos[:, start:end],

@@ -108,7 +108,9 @@ def write_allocation_artifacts(checkpoint_dir, ratios: list[float] | None = None
         entries = max(1, int(round(r * context_tokens)))
         sink = min(4, entries)
         window = max(0, min(min(32, entries // 4), entries - sink))
-        budgets = weighted(weights, entries, sink + window)
+        # as the runtime allocates at this context (the horizon caps a layer at the tokens there are: the rest goes
+        # to the other layers; EvictionConfig.budget_for)
+        budgets = weighted(weights, entries, sink + window, max(context_tokens, entries))
         check_allocation(budgets, entries, sink + window)
         elt = 2  # bf16 bytes, for the report
         learned_bytes = sum(layer_bytes(budgets, 1, shape["head_dim"], elt))
