@@ -269,8 +269,8 @@ def run_launcher(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complet
     (a plain ``run`` kills only the launcher, and a worker left holding the output pipes would block reading
     them), and the test fails with the tail of the output instead of a bare TimeoutExpired. Before the kill, the
     processes below the launcher get SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER=1 here) prints every
-    thread's stack: a hung worker (test_torchrun_two_cpu_processes_agree hangs now and then, cause unknown) shows
-    where it waits in the failure message."""
+    thread's stack: a hung worker shows where it waits in the failure message (how the gloo teardown deadlock
+    behind test_torchrun_two_cpu_processes_agree's occasional hang was found; fixed by `Run.close`)."""
     env = {**kwargs.pop("env", os.environ), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=env, **kwargs)

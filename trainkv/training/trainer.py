@@ -35,6 +35,7 @@ The contract with a method (see `trainkv.methods.base.EvictionMethod`)::
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -123,10 +124,10 @@ def train(
     run.announce()
     run.run_steps(stop_after)
     final_dir = run.export() if run.step >= cfg.max_steps else None
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    return TrainResult(run.output_dir, final_dir, run.step, run.samples_seen, run.history, run.last_checkpoint,
-                       run.resume.path if run.resume else None)
+    result = TrainResult(run.output_dir, final_dir, run.step, run.samples_seen, run.history, run.last_checkpoint,
+                         run.resume.path if run.resume else None)
+    run.close()
+    return result
 
 
 @dataclass
@@ -261,6 +262,25 @@ class Run:
                               accelerator.process_index)
         if self.deepspeed:
             check_deepspeed_batch(accelerator, self.plan)
+
+    def close(self) -> None:
+        """End the run on every rank: drop the wrapped model, optimizer and schedule while the process group is still
+        registered, give the process group's worker threads a moment, then destroy it.
+
+        The order matters for gloo (several CPU processes): DDP's reducer holds the process group, and when the
+        reducer was the last holder, freeing it (at ``train``'s return, with the GIL held) joined gloo's worker
+        threads while one of them waited for the GIL to free a finished collective's Python tensors: a deadlock
+        (py-spy: ``~Reducer`` -> ``~ProcessGroupGloo`` -> ``std::thread::join`` on the main thread, ``decref`` waiting
+        for the GIL in ``ProcessGroupGloo::runLoop``), seen now and then in test_torchrun_two_cpu_processes_agree."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        for name in ("wrapped", "view", "unwrapped", "optimizer", "scheduler", "model"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        accelerator.free_memory()  # the accelerator's own references to what it prepared
+        gc.collect()  # the reducer goes now; the process group lives on in the default group
+        time.sleep(0.2)  # the GIL released: gloo's threads finish freeing their last collectives
+        accelerator.end_training()  # trackers, then the process group (its threads idle)
 
     # --- 6. resume ----------------------------------------------------------------------------------------
 
